@@ -1,0 +1,128 @@
+"""Config loading, checkpoint naming and atomic writes."""
+
+import dataclasses
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFGS = os.path.join(ROOT, "cfgs.json")
+
+
+def write_config(tmp_path, edit):
+    with open(CFGS) as f:
+        values = json.load(f)
+    edit(values)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(values))
+    return str(path)
+
+
+def test_cfgs_json_loads_with_tuples():
+    cfg = utils.load_config(CFGS)
+    assert cfg.model.channels == (32, 64, 128, 256)
+    assert isinstance(cfg.train.learning_rate, float)
+    assert utils.config_from_dict(utils.config_to_dict(cfg)) == cfg
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = write_config(tmp_path, lambda v: v["train"].update(lr_decay_typo=0.5))
+    with pytest.raises(ValueError, match=r"unknown key 'train.lr_decay_typo'"):
+        utils.load_config(path)
+
+
+def test_missing_key_is_named(tmp_path):
+    path = write_config(tmp_path, lambda v: v["loss"].pop("lambda_mel"))
+    with pytest.raises(ValueError, match=r"missing key 'loss.lambda_mel'"):
+        utils.load_config(path)
+
+
+def test_wrong_type_and_relations_are_rejected(tmp_path):
+    path = write_config(tmp_path, lambda v: v["train"].update(batch_size="32"))
+    with pytest.raises(ValueError, match="train.batch_size"):
+        utils.load_config(path)
+    with pytest.raises(ValueError, match="segment_size"):
+        utils.load_config(CFGS, ["audio.segment_size=1000"])
+    with pytest.raises(ValueError, match="ratios"):
+        utils.load_config(CFGS, ["data.ratios=[7]"])
+
+
+def test_overrides():
+    cfg = utils.load_config(
+        CFGS, ["train.batch_size=4", "model.channels=[4,8,8,8]", "data.root=/x"]
+    )
+    assert (
+        cfg.train.batch_size == 4
+        and cfg.model.channels == (4, 8, 8, 8)
+        and cfg.data.root == "/x"
+    )
+    with pytest.raises(ValueError, match="unknown key 'train.nope'"):
+        utils.load_config(CFGS, ["train.nope=1"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        utils.load_config(CFGS, ["batch_size=4"])
+
+
+def test_every_config_key_is_read_somewhere():
+    sources = ""
+    for name in os.listdir(ROOT):
+        if name.endswith(".py") and name != "utils.py":
+            with open(os.path.join(ROOT, name)) as f:
+                sources += f.read()
+    cfg = utils.load_config(CFGS)
+    unread = [
+        f"{section.name}.{field.name}"
+        for section in dataclasses.fields(cfg)
+        for field in dataclasses.fields(getattr(cfg, section.name))
+        if not re.search(r"\b" + field.name + r"\b", sources)
+    ]
+    assert unread == []
+
+
+def test_scan_and_prune_checkpoints(tmp_path):
+    for step in (5, 120, 30):
+        utils.save_checkpoint(str(tmp_path / f"g_{step:08d}"), {"step": step})
+    (tmp_path / "g_best").write_text("not numbered")
+    newest = utils.scan_checkpoint(str(tmp_path), "g_")
+    assert os.path.basename(newest) == "g_00000120"
+    assert utils.load_checkpoint(newest)["step"] == 120
+    utils.prune_checkpoints(str(tmp_path), "g_", keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["g_00000030", "g_00000120", "g_best"]
+    assert utils.scan_checkpoint(str(tmp_path), "do_") is None
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.wav"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with utils.atomic_path(str(target)) as tmp:
+            assert tmp.endswith(".wav")
+            with open(tmp, "w") as f:
+                f.write("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["out.wav"]
+    with utils.atomic_path(str(target)) as tmp:
+        with open(tmp, "w") as f:
+            f.write("new")
+    assert target.read_text() == "new"
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        utils.load_checkpoint(str(tmp_path / "g_00000001"))
+    bad = tmp_path / "g_00000002"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="cannot read"):
+        utils.load_checkpoint(str(bad))
+
+
+def test_seed_everything_repeats_draws():
+    utils.seed_everything(3)
+    a = torch.rand(3)
+    utils.seed_everything(3)
+    assert torch.equal(a, torch.rand(3))

@@ -1,0 +1,348 @@
+"""Config loading, atomic checkpoint I/O, seeding and plots: the helpers every script shares.
+
+The config is `cfgs.json` read once into frozen nested dataclasses. Every key must be present
+and known: a typo stops the run with its dotted name instead of silently creating a new value.
+"""
+
+import contextlib
+import dataclasses
+import glob
+import json
+import os
+import random
+import re
+import tempfile
+import typing
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str  # corpus root; file lists are relative to it
+    train_files: str  # a .txt file list or a folder, relative to root
+    valid_files: str
+    lowres: str  # "authors" (SPEC §4, faithful) or "random" (robust recipe)
+    ratios: tuple[int, ...]  # upsampling ratios drawn per training example
+    valid_ratios: tuple[int, ...]
+    random_gain_db: float  # +- range of a random gain after peak normalisation; 0 = off
+    num_workers: int
+
+    def __post_init__(self):
+        if self.lowres not in ("authors", "random"):
+            raise ValueError(
+                f"data.lowres must be 'authors' or 'random', not {self.lowres!r}"
+            )
+        for name in ("ratios", "valid_ratios"):
+            ratios = getattr(self, name)
+            if not ratios or any(r < 1 or 48000 % r for r in ratios):
+                raise ValueError(
+                    f"data.{name} must be divisors of 48000, not {list(ratios)}"
+                )
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    sampling_rate: int
+    segment_size: int  # training crop, in samples at sampling_rate
+    peak: float  # peak normalisation target
+
+    def __post_init__(self):
+        if self.sampling_rate != 48000:
+            raise ValueError(
+                f"audio.sampling_rate must be 48000, not {self.sampling_rate}"
+            )
+        if self.segment_size <= 0 or self.segment_size % 16:
+            raise ValueError(
+                f"audio.segment_size must be a positive multiple of 16, not {self.segment_size}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    channels: tuple[
+        int, ...
+    ]  # encoder widths; the decoder halves back down to channels[0] // 2
+    down_kernel: int
+    bottleneck_kernel: int
+    up_kernels: tuple[int, ...]  # one transposed-conv kernel per decoder stage
+    resblock_kernel: int
+    resblock_dilations: tuple[int, ...]
+    head_kernel: int
+    n_mamba_down: int
+    n_mamba_bottleneck: int
+    n_mamba_up: int
+    d_state: int
+    d_conv: int
+    expand: int
+
+    def __post_init__(self):
+        if len(self.up_kernels) != len(self.channels):
+            raise ValueError(
+                f"model.up_kernels needs one kernel per stage ({len(self.channels)}), "
+                f"not {list(self.up_kernels)}"
+            )
+        if any(k % 2 for k in self.up_kernels):
+            raise ValueError(
+                f"model.up_kernels must be even, not {list(self.up_kernels)}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int  # global batch, split over processes
+    learning_rate: float
+    adam_b1: float
+    adam_b2: float
+    weight_decay: float
+    warmup_epochs: int
+    warmup_start_factor: float
+    lr_decay: float  # per-epoch factor after warm-up
+    grad_clip_g: float
+    grad_clip_d: float
+    epochs: int
+    generator_warmup_steps: (
+        int  # steps on reconstruction losses only, before the GAN starts
+    )
+    seed: int
+    stdout_interval: int
+    summary_interval: int
+    validation_interval: int
+    checkpoint_interval: int
+    keep_checkpoints: int
+    early_stop_patience: int  # validations without improvement before stopping
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    lambda_adv: float
+    lambda_mrstft: float
+    lambda_mel: float
+    lambda_fm: float
+    stft_fft_sizes: tuple[int, ...]
+    stft_hop_sizes: tuple[int, ...]
+    stft_n_mels: int
+    mel_n_fft: int
+    mel_hop_size: int
+    mel_win_size: int
+    mel_n_mels: int
+    mel_fmin: float
+    mel_fmax: float
+
+    def __post_init__(self):
+        if len(self.stft_fft_sizes) != len(self.stft_hop_sizes):
+            raise ValueError(
+                "loss.stft_fft_sizes and loss.stft_hop_sizes differ in length"
+            )
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig
+    audio: AudioConfig
+    model: ModelConfig
+    train: TrainConfig
+    loss: LossConfig
+
+
+def _convert(value, annotation, key: str, source: str):
+    """Checks one JSON value against a field's type; ints pass for floats, lists become tuples."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        (item_type, _) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{source}: '{key}' must be a list, not {value!r}")
+        return tuple(_convert(v, item_type, key, source) for v in value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, annotation) or (
+        annotation is int and isinstance(value, bool)
+    ):
+        raise ValueError(
+            f"{source}: '{key}' must be {annotation.__name__}, not {value!r}"
+        )
+    return value
+
+
+def _build(cls, values: dict, prefix: str, source: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: '{prefix.rstrip('.')}' must be an object")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise ValueError(f"{source}: unknown key '{prefix}{key}'")
+    kwargs = {}
+    hints = typing.get_type_hints(cls)
+    for name in fields:
+        if name not in values:
+            raise ValueError(f"{source}: missing key '{prefix}{name}'")
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], values[name], f"{prefix}{name}.", source)
+        else:
+            kwargs[name] = _convert(values[name], hints[name], prefix + name, source)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def config_from_dict(values: dict, source: str = "config") -> Config:
+    """Builds a Config from a plain dict, rejecting unknown, missing and mistyped keys.
+
+    Args:
+        values: nested dict with the sections of cfgs.json.
+        source: name used in error messages (usually the file).
+    Returns:
+        The frozen Config.
+    """
+    return _build(Config, values, "", source)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The plain-JSON form of a Config (tuples become lists), as stored in checkpoints."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def apply_overrides(values: dict, overrides, source: str) -> dict:
+    """Applies "section.key=value" strings (value parsed as JSON, else taken as a string)."""
+    values = json.loads(json.dumps(values))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.split(".")
+        if not sep or len(parts) != 2:
+            raise ValueError(
+                f"override must look like 'section.key=value', not {item!r}"
+            )
+        section, name = parts
+        if section not in values or name not in values[section]:
+            raise ValueError(f"{source}: unknown key '{key}' in override {item!r}")
+        try:
+            values[section][name] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[section][name] = raw
+    return values
+
+
+def load_config(path: str, overrides=()) -> Config:
+    """Reads a JSON config and applies command-line overrides.
+
+    Args:
+        path: the JSON file, e.g. "cfgs.json".
+        overrides: strings "section.key=value", e.g. "train.batch_size=4".
+    Returns:
+        The frozen Config. Raises ValueError naming the file and the dotted key on any problem.
+    """
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return config_from_dict(apply_overrides(values, overrides, path), path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yields a temporary path beside `path` that replaces `path` only if the block succeeds.
+
+    A killed process therefore never leaves a half-written checkpoint or audio file. The
+    temporary name keeps the suffix of `path`, so format detection by extension still works.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path: str, obj: dict) -> None:
+    """torch.save, atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """torch.load of one of our checkpoints; ValueError if it is missing or unreadable."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def _numbered_checkpoints(directory: str, prefix: str) -> list[str]:
+    pattern = re.compile(re.escape(prefix) + r"\d{8}$")
+    paths = glob.glob(os.path.join(glob.escape(directory), prefix + "*"))
+    return sorted(p for p in paths if pattern.match(os.path.basename(p)))
+
+
+def scan_checkpoint(directory: str, prefix: str) -> str | None:
+    """The newest `prefix########` checkpoint in `directory` (by step number), or None."""
+    found = _numbered_checkpoints(directory, prefix)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(directory: str, prefix: str, keep: int) -> None:
+    """Deletes all but the newest `keep` numbered checkpoints with this prefix."""
+    found = _numbered_checkpoints(directory, prefix)
+    for path in found[: max(len(found) - keep, 0)]:
+        os.remove(path)
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def plot_spectrogram(
+    spectrogram: np.ndarray, ax=None, sampling_rate: int = 48000, vmin=None, vmax=None
+):
+    """Draws a [freq_bins, frames] log-magnitude array with a frequency axis in kHz.
+
+    Args:
+        spectrogram: [F, N] log magnitudes, bin 0 = 0 Hz, bin F-1 = sampling_rate / 2.
+        ax: matplotlib axes to draw into; a new figure is made when None.
+        sampling_rate: in Hz, for the frequency axis.
+        vmin, vmax: colour range; pass the same values to compare several plots.
+    Returns:
+        The matplotlib Figure.
+    """
+    # Imported here so that scripts which never plot do not pay matplotlib's start-up time.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(10, 3))
+    else:
+        fig = ax.figure
+    nyquist_khz = sampling_rate / 2000
+    image = ax.imshow(
+        spectrogram,
+        aspect="auto",
+        origin="lower",
+        interpolation="none",
+        extent=(0, spectrogram.shape[1], 0, nyquist_khz),
+        vmin=vmin,
+        vmax=vmax,
+    )
+    ax.set_ylabel("kHz")
+    ax.set_xlabel("frame")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
