@@ -1,0 +1,448 @@
+"""The Wave-U-Mamba generator and the HiFi-GAN V1 discriminators.
+
+The generator follows the authors' modules/waveumamba.py (infected4098/Wave-U-Mamba, MIT) as
+described in SPEC section 1. The discriminators, ResBlock1 and the weight-norm conventions
+follow jik876/hifi-gan (MIT).
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+from ssm import Mamba
+
+LRELU_SLOPE = 0.1
+# Slope 0.01, not 0.1: HiFi-GAN's Generator.forward calls F.leaky_relu(x) with the default
+# before conv_post, and the authors inherited it.
+HEAD_LRELU_SLOPE = 0.01
+# Weight norm (torch.nn.utils.parametrizations) stores g and v as
+# `<conv>.parametrizations.weight.original0` / `original1`. Upstream's init_weights runs after
+# weight_norm and so has no effect: every conv keeps PyTorch's default initialisation, and we
+# call no init.
+
+
+def get_padding(kernel_size: int, dilation: int = 1) -> int:
+    """'Same' padding of an odd kernel: (kernel_size - 1) * dilation / 2."""
+    return (kernel_size - 1) * dilation // 2
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channel axis of a [B, C, L] tensor."""
+
+    def forward(self, x):
+        # x: [B, C, L]
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)  # [B, C, L]
+
+
+class MambaBlock(nn.Module):
+    def __init__(self, channels, d_state, d_conv, expand, scan_impl):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.mamba = Mamba(
+            channels, d_state=d_state, d_conv=d_conv, expand=expand, impl=scan_impl
+        )
+
+    def forward(self, x):
+        # x: [B, L, C]
+        return x + self.mamba(self.norm(x))
+
+
+class MambaStack(nn.Module):
+    def __init__(self, channels, n_blocks, d_state, d_conv, expand, scan_impl):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [
+                MambaBlock(channels, d_state, d_conv, expand, scan_impl)
+                for _ in range(n_blocks)
+            ]
+        )
+
+    def forward(self, x):
+        # x: [B, C, L]
+        x = x.transpose(1, 2)  # [B, L, C]
+        for block in self.blocks:
+            x = block(x)
+        return x.transpose(1, 2)  # [B, C, L]
+
+
+class ConvUnit(nn.Module):
+    def __init__(self, c_in, c_out, kernel_size):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv1d(c_in, c_out, kernel_size)
+        self.norm = ChannelLayerNorm(c_out)
+
+    def forward(self, x):
+        # x: [B, C_in, L]
+        # Right padding only, as the authors do: output t sees inputs t .. t + k - 1.
+        x = self.conv(F.pad(x, (0, self.kernel_size - 1)))  # [B, C_out, L]
+        return F.leaky_relu(self.norm(x), LRELU_SLOPE)
+
+
+class EncoderBlock(nn.Module):
+    """Down block (pool=True) or bottleneck (pool=False): two conv units, then Mamba."""
+
+    def __init__(
+        self,
+        c_in,
+        c_out,
+        kernel_size,
+        n_mamba,
+        d_state,
+        d_conv,
+        expand,
+        scan_impl,
+        pool,
+    ):
+        super().__init__()
+        self.conv_in = ConvUnit(c_in, c_out, kernel_size)
+        self.conv_res = ConvUnit(c_out, c_out, kernel_size)
+        self.pool = nn.AvgPool1d(2, 2) if pool else nn.Identity()
+        self.mamba = MambaStack(c_out, n_mamba, d_state, d_conv, expand, scan_impl)
+
+    def forward(self, x):
+        # x: [B, C_in, L]
+        x = self.conv_in(x)  # [B, C_out, L]
+        x = x + self.conv_res(x)
+        x = self.pool(x)  # [B, C_out, L / 2] (or L)
+        return self.mamba(x)
+
+
+class ResBlock(nn.Module):
+    """HiFi-GAN ResBlock1: per dilation, lrelu -> dilated conv -> lrelu -> conv -> + input."""
+
+    def __init__(self, channels, kernel_size, dilations):
+        super().__init__()
+        self.convs1 = nn.ModuleList(
+            [
+                weight_norm(
+                    nn.Conv1d(
+                        channels,
+                        channels,
+                        kernel_size,
+                        dilation=d,
+                        padding=get_padding(kernel_size, d),
+                    )
+                )
+                for d in dilations
+            ]
+        )
+        self.convs2 = nn.ModuleList(
+            [
+                weight_norm(
+                    nn.Conv1d(
+                        channels,
+                        channels,
+                        kernel_size,
+                        padding=get_padding(kernel_size),
+                    )
+                )
+                for _ in dilations
+            ]
+        )
+
+    def forward(self, x):
+        # x: [B, C, L]
+        for conv1, conv2 in zip(self.convs1, self.convs2):
+            xt = conv1(F.leaky_relu(x, LRELU_SLOPE))
+            xt = conv2(F.leaky_relu(xt, LRELU_SLOPE))
+            x = x + xt
+        return x
+
+
+class UpBlock(nn.Module):
+    def __init__(
+        self,
+        c_in,
+        c_out,
+        kernel_size,
+        n_mamba,
+        resblock_kernel,
+        resblock_dilations,
+        d_state,
+        d_conv,
+        expand,
+        scan_impl,
+    ):
+        super().__init__()
+        # stride 2 with padding (k - 2) / 2 doubles the length exactly
+        self.up = weight_norm(
+            nn.ConvTranspose1d(c_in, c_out, kernel_size, 2, (kernel_size - 2) // 2)
+        )
+        self.mamba = MambaStack(c_out, n_mamba, d_state, d_conv, expand, scan_impl)
+        self.resblock = ResBlock(c_out, resblock_kernel, resblock_dilations)
+
+    def forward(self, x, skip):
+        # x, skip: [B, C_in, L]
+        x = F.leaky_relu(x, LRELU_SLOPE) + skip
+        x = self.up(x)  # [B, C_out, 2L]
+        x = self.mamba(x)
+        return self.resblock(x)
+
+
+class WaveUMamba(nn.Module):
+    """Wave-U-Mamba generator: a 1-D U-Net with Mamba blocks in every stage (SPEC section 1).
+
+    The keyword arguments are the keys of cfgs.json's `model` section; the defaults build the
+    paper's model (4,203,714 parameters with weight norm).
+
+    Args:
+        channels: encoder widths, one per down block; the decoder mirrors them and ends at
+            channels[0] // 2.
+        down_kernel: kernel of the encoder conv units.
+        bottleneck_kernel: kernel of the bottleneck conv units.
+        up_kernels: ConvTranspose1d kernels of the decoder stages (even, >= 2).
+        resblock_kernel, resblock_dilations: decoder ResBlock1 settings.
+        head_kernel: kernel of the output conv (odd).
+        n_mamba_down, n_mamba_bottleneck, n_mamba_up: Mamba blocks per stage.
+        d_state, d_conv, expand: Mamba mixer sizes.
+        scan_impl: selective-scan implementation passed to every Mamba (see ssm.selective_scan).
+    """
+
+    def __init__(
+        self,
+        channels=(32, 64, 128, 256),
+        down_kernel=4,
+        bottleneck_kernel=3,
+        up_kernels=(4, 4, 8, 8),
+        resblock_kernel=3,
+        resblock_dilations=(1, 3),
+        head_kernel=7,
+        n_mamba_down=2,
+        n_mamba_bottleneck=3,
+        n_mamba_up=2,
+        d_state=16,
+        d_conv=4,
+        expand=2,
+        scan_impl="auto",
+    ):
+        super().__init__()
+        channels = tuple(channels)
+        if not channels or channels[0] < 2:
+            raise ValueError(
+                f"channels must be non-empty with channels[0] >= 2, got {channels}"
+            )
+        if len(up_kernels) != len(channels):
+            raise ValueError(
+                f"need one up kernel per stage ({len(channels)}), got up_kernels={up_kernels}"
+            )
+        if any(k < 2 or k % 2 for k in up_kernels):
+            raise ValueError(f"up kernels must be even and >= 2, got {up_kernels}")
+        if head_kernel % 2 == 0 or resblock_kernel % 2 == 0:
+            raise ValueError(
+                f"head and resblock kernels must be odd, got {head_kernel}, {resblock_kernel}"
+            )
+        self.hop = 2 ** len(channels)
+        mamba_args = (d_state, d_conv, expand, scan_impl)
+        c_ins = (1,) + channels[:-1]
+        self.downs = nn.ModuleList(
+            [
+                EncoderBlock(
+                    c_in, c_out, down_kernel, n_mamba_down, *mamba_args, pool=True
+                )
+                for c_in, c_out in zip(c_ins, channels)
+            ]
+        )
+        self.down_norms = nn.ModuleList([ChannelLayerNorm(c) for c in channels])
+        self.bottleneck = EncoderBlock(
+            channels[-1],
+            channels[-1],
+            bottleneck_kernel,
+            n_mamba_bottleneck,
+            *mamba_args,
+            pool=False,
+        )
+        self.bottleneck_norm = ChannelLayerNorm(channels[-1])
+        # Each stage maps to the width of the next skip it meets; the last one halves.
+        up_ins = channels[::-1]
+        up_outs = channels[-2::-1] + (channels[0] // 2,)
+        self.ups = nn.ModuleList(
+            [
+                UpBlock(
+                    c_in,
+                    c_out,
+                    k,
+                    n_mamba_up,
+                    resblock_kernel,
+                    resblock_dilations,
+                    *mamba_args,
+                )
+                for c_in, c_out, k in zip(up_ins, up_outs, up_kernels)
+            ]
+        )
+        self.head = weight_norm(
+            nn.Conv1d(up_outs[-1], 1, head_kernel, padding=get_padding(head_kernel))
+        )
+
+    def forward(self, x):
+        """Super-resolve a batch of 48 kHz waveforms.
+
+        Args:
+            x: low-resolution input resampled to 48 kHz, [B, 1, T], T a multiple of
+                2 ** len(channels) (16 for the paper's model).
+        Returns:
+            y_hat [B, 1, T]: x plus the generated residual (in [-1, 1]).
+        """
+        # x: [B, 1, T]
+        if x.dim() != 3 or x.shape[1] != 1 or x.shape[2] == 0 or x.shape[2] % self.hop:
+            raise ValueError(
+                f"expected input [B, 1, T] with T a positive multiple of {self.hop}, "
+                f"got {tuple(x.shape)}"
+            )
+        skips = [x]
+        h = x
+        for down, norm in zip(self.downs, self.down_norms):
+            h = down(h)  # [B, C_i, T / 2^(i+1)]
+            # the skip is stored before the stem norm, as in the authors' Downsamplestem
+            skips.append(h)
+            h = F.leaky_relu(norm(h), LRELU_SLOPE)
+        h = self.bottleneck_norm(
+            self.bottleneck(h)
+        )  # [B, C_last, T / hop], no activation
+        for up, skip in zip(self.ups, skips[:0:-1]):
+            h = up(h, skip)  # [B, C_out, 2 L]
+        h = self.head(F.leaky_relu(h, HEAD_LRELU_SLOPE))  # [B, 1, T]
+        return x + torch.tanh(h)
+
+    def remove_weight_norm(self):
+        """Fold weight norm into plain weights for inference (output unchanged)."""
+        for module in list(self.modules()):
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight")
+
+
+class DiscriminatorP(nn.Module):
+    def __init__(self, period, kernel_size=5, stride=3):
+        super().__init__()
+        self.period = period
+        chans = (1, 32, 128, 512, 1024)
+        self.convs = nn.ModuleList(
+            [
+                weight_norm(
+                    nn.Conv2d(
+                        c_in,
+                        c_out,
+                        (kernel_size, 1),
+                        (stride, 1),
+                        padding=(get_padding(kernel_size), 0),
+                    )
+                )
+                for c_in, c_out in zip(chans[:-1], chans[1:])
+            ]
+            + [
+                weight_norm(
+                    nn.Conv2d(
+                        1024,
+                        1024,
+                        (kernel_size, 1),
+                        padding=(get_padding(kernel_size), 0),
+                    )
+                )
+            ]
+        )
+        self.conv_post = weight_norm(nn.Conv2d(1024, 1, (3, 1), padding=(1, 0)))
+
+    def forward(self, x):
+        # x: [B, 1, T]
+        fmap = []
+        if x.shape[-1] % self.period:
+            x = F.pad(x, (0, self.period - x.shape[-1] % self.period), "reflect")
+        b, c, t = x.shape
+        x = x.view(b, c, t // self.period, self.period)  # [B, 1, T / p, p]
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), LRELU_SLOPE)
+            fmap.append(x)
+        x = self.conv_post(x)
+        fmap.append(x)
+        return torch.flatten(x, 1, -1), fmap  # [B, frames * p]
+
+
+class MultiPeriodDiscriminator(nn.Module):
+    """HiFi-GAN V1 multi-period discriminator (periods 2, 3, 5, 7, 11).
+
+    Called as d(y, y_hat) with y, y_hat [B, 1, T]; returns (d_real, d_fake, fmap_real,
+    fmap_fake): lists of per-sub-discriminator scores [B, N] and lists of feature maps.
+    """
+
+    def __init__(self, periods=(2, 3, 5, 7, 11)):
+        super().__init__()
+        self.discriminators = nn.ModuleList([DiscriminatorP(p) for p in periods])
+
+    def forward(self, y, y_hat):
+        # y, y_hat: [B, 1, T]
+        d_real, d_fake, fmap_real, fmap_fake = [], [], [], []
+        for d in self.discriminators:
+            score, fmap = d(y)
+            d_real.append(score)
+            fmap_real.append(fmap)
+            score, fmap = d(y_hat)
+            d_fake.append(score)
+            fmap_fake.append(fmap)
+        return d_real, d_fake, fmap_real, fmap_fake
+
+
+class DiscriminatorS(nn.Module):
+    def __init__(self, use_spectral_norm=False):
+        super().__init__()
+        norm = spectral_norm if use_spectral_norm else weight_norm
+        # (c_in, c_out, kernel, stride, groups)
+        layers = (
+            (1, 128, 15, 1, 1),
+            (128, 128, 41, 2, 4),
+            (128, 256, 41, 2, 16),
+            (256, 512, 41, 4, 16),
+            (512, 1024, 41, 4, 16),
+            (1024, 1024, 41, 1, 16),
+            (1024, 1024, 5, 1, 1),
+        )
+        self.convs = nn.ModuleList(
+            [
+                norm(nn.Conv1d(c_in, c_out, k, s, groups=g, padding=get_padding(k)))
+                for c_in, c_out, k, s, g in layers
+            ]
+        )
+        self.conv_post = norm(nn.Conv1d(1024, 1, 3, padding=1))
+
+    def forward(self, x):
+        # x: [B, 1, T]
+        fmap = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), LRELU_SLOPE)
+            fmap.append(x)
+        x = self.conv_post(x)  # [B, 1, frames]
+        fmap.append(x)
+        return torch.flatten(x, 1, -1), fmap  # [B, frames]
+
+
+class MultiScaleDiscriminator(nn.Module):
+    """HiFi-GAN V1 multi-scale discriminator: raw, x2- and x4-average-pooled waveform.
+
+    Called as d(y, y_hat) with y, y_hat [B, 1, T]; returns (d_real, d_fake, fmap_real,
+    fmap_fake): lists of per-scale scores [B, N] and lists of feature maps.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.discriminators = nn.ModuleList(
+            [DiscriminatorS(use_spectral_norm=True), DiscriminatorS(), DiscriminatorS()]
+        )
+        self.meanpools = nn.ModuleList(
+            [nn.AvgPool1d(4, 2, padding=2), nn.AvgPool1d(4, 2, padding=2)]
+        )
+
+    def forward(self, y, y_hat):
+        # y, y_hat: [B, 1, T]
+        d_real, d_fake, fmap_real, fmap_fake = [], [], [], []
+        for i, d in enumerate(self.discriminators):
+            if i > 0:
+                y = self.meanpools[i - 1](y)  # [B, 1, ~T / 2^i]
+                y_hat = self.meanpools[i - 1](y_hat)
+            score, fmap = d(y)
+            d_real.append(score)
+            fmap_real.append(fmap)
+            score, fmap = d(y_hat)
+            d_fake.append(score)
+            fmap_fake.append(fmap)
+        return d_real, d_fake, fmap_real, fmap_fake

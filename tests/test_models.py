@@ -1,0 +1,165 @@
+"""Tests for models.py: parameter counts, shapes, the global residual, skips, weight norm."""
+
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import MultiPeriodDiscriminator, MultiScaleDiscriminator, WaveUMamba
+from utils import load_config
+
+CFG_PATH = Path(__file__).resolve().parent.parent / "cfgs.json"
+TINY = ["model.channels=[4,8,8,8]"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These small ops are dominated by thread wake-ups; on a shared, busy CPU two OpenMP
+    # threads made the tiny forwards 10-100x slower than one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def tiny_generator(seed=0):
+    torch.manual_seed(seed)
+    cfg = load_config(str(CFG_PATH), TINY)
+    return WaveUMamba(**dataclasses.asdict(cfg.model), scan_impl="torch").eval()
+
+
+def test_paper_generator_parameter_count_and_forward():
+    torch.manual_seed(0)
+    g = WaveUMamba(scan_impl="torch").eval()
+    assert n_params(g) == 4_203_714
+    x = torch.randn(1, 1, 1600) * 0.1
+    with torch.no_grad():
+        y_hat = g(x)
+    g.remove_weight_norm()
+    assert n_params(g) == 4_202_273
+    with torch.no_grad():
+        torch.testing.assert_close(g(x), y_hat, rtol=1e-5, atol=1e-6)
+    assert y_hat.shape == x.shape
+    assert torch.isfinite(y_hat).all()
+
+
+def test_discriminator_parameter_counts():
+    assert n_params(MultiPeriodDiscriminator()) == 41_105_770
+    assert n_params(MultiScaleDiscriminator()) == 29_618_821
+
+
+def test_defaults_equal_config():
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(WaveUMamba).parameters.items()
+        if name != "scan_impl"
+    }
+    assert defaults == dataclasses.asdict(load_config(str(CFG_PATH)).model)
+
+
+@pytest.mark.parametrize("length", [16, 48, 160])
+def test_shapes(length):
+    g = tiny_generator()
+    x = torch.randn(2, 1, length)
+    with torch.no_grad():
+        assert g(x).shape == (2, 1, length)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 50), (1, 1, 0), (1, 64), (1, 2, 64)])
+def test_bad_input_shape(shape):
+    g = tiny_generator()
+    with pytest.raises(ValueError, match=str(tuple(shape))):
+        g(torch.zeros(shape))
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="up_kernels"):
+        WaveUMamba(up_kernels=(4, 4, 8))
+    with pytest.raises(ValueError, match="even"):
+        WaveUMamba(channels=(4, 8), up_kernels=(4, 5))
+
+
+def test_global_residual():
+    g = tiny_generator()
+    with torch.no_grad():
+        g.head.parametrizations.weight.original0.zero_()
+        g.head.bias.zero_()
+        x = torch.randn(2, 1, 64)
+        assert torch.equal(g(x), x)
+
+
+def test_output_stays_within_one_of_input():
+    g = tiny_generator()
+    x = torch.randn(2, 1, 64)
+    with torch.no_grad():
+        residual = g(x) - x
+    assert residual.abs().max() <= 1.0
+    assert residual.abs().max() > 0
+
+
+def test_skips_are_stored_before_the_stem_norm():
+    g = tiny_generator()
+    down_out, skips_in = {}, {}
+    for i, down in enumerate(g.downs):
+        down.register_forward_hook(lambda m, a, out, i=i: down_out.__setitem__(i, out))
+    for j, up in enumerate(g.ups):
+        up.register_forward_pre_hook(lambda m, a, j=j: skips_in.__setitem__(j, a[1]))
+    with torch.no_grad():
+        g(torch.randn(2, 1, 64))
+    n = len(g.downs)
+    for j in range(n):
+        skip, raw = skips_in[j], down_out[n - 1 - j]
+        assert torch.equal(skip, raw)
+        # the normalised tensor is genuinely different, so the check above means something
+        assert not torch.allclose(g.down_norms[n - 1 - j](raw), raw, atol=1e-3)
+
+
+def test_remove_weight_norm_keeps_output():
+    g = tiny_generator()
+    x = torch.randn(2, 1, 64)
+    with torch.no_grad():
+        before = g(x)
+        g.remove_weight_norm()
+        after = g(x)
+    assert not any("parametrizations" in k for k in g.state_dict())
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_round_trip():
+    g1, g2 = tiny_generator(seed=0), tiny_generator(seed=1)
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        assert not torch.equal(g1(x), g2(x))
+        g2.load_state_dict(g1.state_dict(), strict=True)
+        assert torch.equal(g1(x), g2(x))
+
+
+def test_gradients_reach_every_parameter():
+    g = tiny_generator().train()
+    g(torch.randn(1, 1, 32)).square().sum().backward()
+    missing = [n for n, p in g.named_parameters() if p.grad is None]
+    assert not missing
+
+
+@pytest.mark.parametrize(
+    "disc, n_subs, n_fmaps",
+    [(MultiPeriodDiscriminator, 5, 6), (MultiScaleDiscriminator, 3, 8)],
+)
+def test_discriminator_outputs(disc, n_subs, n_fmaps):
+    torch.manual_seed(0)
+    d = disc()
+    y = torch.randn(2, 1, 1001)  # divisible by none of the periods
+    with torch.no_grad():
+        d_real, d_fake, fmap_real, fmap_fake = d(y, y * 0.5)
+    assert len(d_real) == len(d_fake) == len(fmap_real) == len(fmap_fake) == n_subs
+    for r, f, fr, ff in zip(d_real, d_fake, fmap_real, fmap_fake):
+        assert r.shape == f.shape and r.dim() == 2 and r.shape[0] == 2
+        assert len(fr) == len(ff) == n_fmaps
+        assert all(a.shape == b.shape for a, b in zip(fr, ff))
+        assert not torch.equal(r, f)
