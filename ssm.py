@@ -12,7 +12,13 @@ with, per batch b and channel d (state size N):
     y_t = C_t . h_t + D * u_t,   then y_t *= silu(z_t) when z is given.
 """
 
+import ctypes
+import hashlib
 import math
+import os
+import shutil
+import subprocess
+import sys
 
 import torch
 import torch.nn as nn
@@ -70,6 +76,416 @@ def _selective_scan_torch(
     return y
 
 
+_KERNEL_SOURCE = r"""
+// Selective scan forward and backward for CPU. One task is one channel (forward) or one group
+// of channels of one batch item (backward); tasks are handed out to std::threads. The state is
+// held in float64 whatever the input dtype: float32 states drift over tens of thousands of
+// slowly decaying steps. The 16 states are the SIMD lanes.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+// exp(x) as 2^k * p(r), |r| <= ln2/2, degree-12 Taylor (relative error ~2e-16). Written in plain
+// arithmetic so that the compiler vectorises it; libm's exp would be called lane by lane.
+inline double exp_simd(double x) {
+  x = std::min(std::max(x, -708.0), 709.0);
+  // round to nearest with the 1.5 * 2^52 trick: round() does not vectorise
+  double k = (x * 1.4426950408889634 + 6755399441055744.0) - 6755399441055744.0;
+  double r = x - k * 0.6931471803691238 - k * 1.9082149292705877e-10;
+  double p = 1.0 / 479001600;
+  p = p * r + 1.0 / 39916800;
+  p = p * r + 1.0 / 3628800;
+  p = p * r + 1.0 / 362880;
+  p = p * r + 1.0 / 40320;
+  p = p * r + 1.0 / 5040;
+  p = p * r + 1.0 / 720;
+  p = p * r + 1.0 / 120;
+  p = p * r + 1.0 / 24;
+  p = p * r + 1.0 / 6;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  int64_t bits = static_cast<int64_t>(k + 1023.0) << 52;
+  double scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+template <typename F>
+void parallel_for(int64_t n_tasks, int n_threads, F fn) {
+  std::atomic<int64_t> next(0);
+  auto worker = [&]() {
+    for (int64_t i = next++; i < n_tasks; i = next++) fn(i);
+  };
+  int extra = static_cast<int>(std::min<int64_t>(n_threads, n_tasks)) - 1;
+  std::vector<std::thread> threads;
+  for (int i = 0; i < extra; ++i) threads.emplace_back(worker);
+  worker();
+  for (auto& t : threads) t.join();
+}
+
+template <typename T>
+struct Scan {
+  const T *u, *dt, *A, *B, *C, *D;  // [b,d,L] [b,d,L] [d,N] [b,L,N] [b,L,N] [d]
+  int64_t nb, nd, L, N, K;          // batch, channels, length, states, checkpoint interval
+  int64_t n_chunks() const { return (L + K - 1) / K; }
+};
+
+// NS > 0 fixes the state size at compile time (full vectorisation); NS == 0 reads it at run time.
+template <typename T, int NS>
+void forward_channel(const Scan<T>& s, int64_t bd, T* out, double* hs) {
+  const int64_t N = NS > 0 ? NS : s.N, L = s.L, b = bd / s.nd, d = bd % s.nd;
+  std::vector<double> hv(N, 0.0), av(N);
+  double* __restrict h = hv.data();
+  double* __restrict a = av.data();
+  for (int64_t n = 0; n < N; ++n) a[n] = s.A[d * N + n];
+  const T* __restrict u = s.u + bd * L;
+  const T* __restrict dt = s.dt + bd * L;
+  const T* __restrict B = s.B + b * L * N;
+  const T* __restrict C = s.C + b * L * N;
+  const double Dv = s.D[d];
+  for (int64_t t = 0; t < L; ++t) {
+    if (hs != nullptr && t % s.K == 0) std::copy(h, h + N, hs + (bd * s.n_chunks() + t / s.K) * N);
+    const double dtv = dt[t], x = dtv * u[t];
+    double y = 0.0;
+#pragma omp simd reduction(+ : y)
+    for (int64_t n = 0; n < N; ++n) {
+      h[n] = exp_simd(dtv * a[n]) * h[n] + x * B[t * N + n];
+      y += h[n] * C[t * N + n];
+    }
+    out[bd * L + t] = static_cast<T>(y + Dv * u[t]);
+  }
+}
+
+// Channels [d0, d1) of batch item b. gB, gC are this task's own [L, N] partial sums.
+template <typename T, int NS>
+void backward_group(const Scan<T>& s, int64_t b, int64_t d0, int64_t d1, const double* hs,
+                    const T* gout, T* gu, T* gdt, double* gA, double* gD, T* gB, T* gC) {
+  const int64_t N = NS > 0 ? NS : s.N, L = s.L, K = s.K;
+  std::vector<double> buf(2 * K * N + 5 * N);
+  double* __restrict hbuf = buf.data();  // states of the current chunk [K, N]
+  double* __restrict ebuf = hbuf + K * N;  // exp(dt * A) of the current chunk [K, N]
+  double* __restrict h0 = ebuf + K * N;  // state before the chunk
+  double* __restrict gh = h0 + N;  // adjoint of the state
+  double* __restrict a = gh + N;
+  double* __restrict gAacc = a + N;
+  double* __restrict h = gAacc + N;
+  const T* __restrict B = s.B + b * L * N;
+  const T* __restrict C = s.C + b * L * N;
+  std::fill(gB, gB + L * N, T(0));
+  std::fill(gC, gC + L * N, T(0));
+  for (int64_t d = d0; d < d1; ++d) {
+    const int64_t bd = b * s.nd + d;
+    const T* __restrict u = s.u + bd * L;
+    const T* __restrict dt = s.dt + bd * L;
+    const T* __restrict go = gout + bd * L;
+    const double Dv = s.D[d];
+    for (int64_t n = 0; n < N; ++n) {
+      a[n] = s.A[d * N + n];
+      gh[n] = 0.0;
+      gAacc[n] = 0.0;
+    }
+    double gDacc = 0.0;
+    for (int64_t c = s.n_chunks() - 1; c >= 0; --c) {
+      const int64_t t0 = c * K, len = std::min(K, L - t0);
+      std::copy(hs + (bd * s.n_chunks() + c) * N, hs + (bd * s.n_chunks() + c + 1) * N, h0);
+      std::copy(h0, h0 + N, h);
+      for (int64_t j = 0; j < len; ++j) {
+        const int64_t t = t0 + j;
+        const double dtv = dt[t], x = dtv * u[t];
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) {
+          const double e = exp_simd(dtv * a[n]);
+          h[n] = e * h[n] + x * B[t * N + n];
+          hbuf[j * N + n] = h[n];
+          ebuf[j * N + n] = e;
+        }
+      }
+      for (int64_t j = len - 1; j >= 0; --j) {
+        const int64_t t = t0 + j;
+        const double gy = go[t], uv = u[t], dtv = dt[t];
+        const double* __restrict hprev = j > 0 ? hbuf + (j - 1) * N : h0;
+        double sA = 0.0, sB = 0.0;
+        gDacc += gy * uv;
+#pragma omp simd reduction(+ : sA, sB)
+        for (int64_t n = 0; n < N; ++n) {
+          const double g = gh[n] + gy * C[t * N + n];
+          const double e = ebuf[j * N + n];
+          const double q = g * e * hprev[n];
+          gC[t * N + n] += static_cast<T>(gy * hbuf[j * N + n]);
+          gB[t * N + n] += static_cast<T>(g * dtv * uv);
+          gAacc[n] += dtv * q;
+          sA += a[n] * q;
+          sB += g * B[t * N + n];
+          gh[n] = g * e;
+        }
+        gu[bd * L + t] = static_cast<T>(gy * Dv + dtv * sB);
+        gdt[bd * L + t] = static_cast<T>(sA + uv * sB);
+      }
+    }
+    for (int64_t n = 0; n < N; ++n) gA[bd * N + n] = gAacc[n];
+    gD[bd] = gDacc;
+  }
+}
+
+template <typename T>
+void forward(const Scan<T>& s, T* out, double* hs, int n_threads) {
+  parallel_for(s.nb * s.nd, n_threads, [&](int64_t bd) {
+    if (s.N == 16)
+      forward_channel<T, 16>(s, bd, out, hs);
+    else
+      forward_channel<T, 0>(s, bd, out, hs);
+  });
+}
+
+template <typename T>
+void backward(const Scan<T>& s, int64_t G, const double* hs, const T* gout, T* gu, T* gdt,
+              double* gA, double* gD, T* gB, T* gC, int n_threads) {
+  parallel_for(s.nb * G, n_threads, [&](int64_t task) {
+    const int64_t b = task / G, g = task % G;
+    const int64_t d0 = g * s.nd / G, d1 = (g + 1) * s.nd / G;
+    T* gBp = gB + task * s.L * s.N;
+    T* gCp = gC + task * s.L * s.N;
+    if (s.N == 16)
+      backward_group<T, 16>(s, b, d0, d1, hs, gout, gu, gdt, gA, gD, gBp, gCp);
+    else
+      backward_group<T, 0>(s, b, d0, d1, hs, gout, gu, gdt, gA, gD, gBp, gCp);
+  });
+}
+
+}  // namespace
+
+#define SCAN_API(T, SUFFIX)                                                                     \
+  extern "C" void scan_fwd_##SUFFIX(const T* u, const T* dt, const T* A, const T* B,          \
+                                     const T* C, const T* D, int64_t nb, int64_t nd,           \
+                                     int64_t L, int64_t N, int64_t K, T* out, double* hs,      \
+                                     int n_threads) {                                          \
+    forward(Scan<T>{u, dt, A, B, C, D, nb, nd, L, N, K}, out, hs, n_threads);                  \
+  }                                                                                            \
+  extern "C" void scan_bwd_##SUFFIX(const T* u, const T* dt, const T* A, const T* B,          \
+                                     const T* C, const T* D, int64_t nb, int64_t nd,           \
+                                     int64_t L, int64_t N, int64_t K, int64_t G,               \
+                                     const double* hs, const T* gout, T* gu, T* gdt,           \
+                                     double* gA, double* gD, T* gB, T* gC, int n_threads) {    \
+    backward(Scan<T>{u, dt, A, B, C, D, nb, nd, L, N, K}, G, hs, gout, gu, gdt, gA, gD, gB,   \
+             gC, n_threads);                                                                   \
+  }
+
+SCAN_API(float, f32)
+SCAN_API(double, f64)
+"""
+
+# Steps between stored states: the backward recomputes each chunk from its first state, so the
+# forward keeps [B, D, L / K, N] float64 instead of the whole [B, D, L, N] history.
+_CHUNK = 128
+# Channel groups per batch item in the backward; each group sums its own dB, dC, so the result
+# does not depend on the thread count.
+_GROUPS = 8
+_kernel = None
+_kernel_error = None
+
+
+def _load_kernel():
+    # Built on first use (about a second with g++) into build/ next to this file, keyed by a
+    # hash of source and flags; -march=native is fine because it is built where it runs.
+    global _kernel, _kernel_error
+    if _kernel is not None:
+        return _kernel
+    if _kernel_error is not None:
+        raise RuntimeError(_kernel_error)
+    flags = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC"]
+    key = hashlib.sha1((_KERNEL_SOURCE + " ".join(flags)).encode()).hexdigest()[:12]
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build", "ssm")
+    lib_path = os.path.join(folder, f"scan_{key}.so")
+    try:
+        if not os.path.exists(lib_path):
+            compiler = shutil.which("g++") or shutil.which("c++")
+            if compiler is None:
+                raise RuntimeError("no C++ compiler (g++ or c++) on PATH")
+            os.makedirs(folder, exist_ok=True)
+            src = os.path.join(folder, f"scan_{key}.cpp")
+            tmp = f"{lib_path}.{os.getpid()}.tmp"
+            with open(src, "w") as f:
+                f.write(_KERNEL_SOURCE)
+            result = subprocess.run(
+                [compiler, *flags, src, "-o", tmp], capture_output=True, text=True
+            )
+            if result.returncode != 0:
+                raise RuntimeError(
+                    f"{compiler} failed: {result.stderr.strip()[-2000:]}"
+                )
+            os.replace(tmp, lib_path)  # atomic: concurrent first uses do not clash
+        lib = ctypes.CDLL(lib_path)
+    except (OSError, RuntimeError) as e:
+        _kernel_error = f"compiled scan kernel unavailable ({e}); use impl='torch'"
+        raise RuntimeError(_kernel_error) from e
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for suffix in ("f32", "f64"):
+        getattr(lib, f"scan_fwd_{suffix}").argtypes = [p] * 6 + [i64] * 5 + [p, p, i32]
+        getattr(lib, f"scan_bwd_{suffix}").argtypes = (
+            [p] * 6 + [i64] * 6 + [p] * 8 + [i32]
+        )
+    _kernel = lib
+    return lib
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+class _CompiledScan(torch.autograd.Function):
+    # y = scan(u, dt, A, B, C) + D * u on contiguous CPU tensors of one dtype;
+    # u, dt: [B, D, L]; A: [D, N]; B, C: [B, L, N] (time-major: one row per step); D: [D].
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C, D):
+        lib = _load_kernel()
+        nb, nd, length = u.shape
+        n_state = A.shape[1]
+        suffix = "f32" if u.dtype == torch.float32 else "f64"
+        out = torch.empty_like(u)
+        hs = None
+        if any(ctx.needs_input_grad):
+            n_chunks = -(-length // _CHUNK)
+            hs = u.new_empty(nb, nd, n_chunks, n_state, dtype=torch.float64)
+        getattr(lib, f"scan_fwd_{suffix}")(
+            *map(_ptr, (u, dt, A, B, C, D)),
+            nb,
+            nd,
+            length,
+            n_state,
+            _CHUNK,
+            _ptr(out),
+            _ptr(hs),
+            torch.get_num_threads(),
+        )
+        ctx.save_for_backward(u, dt, A, B, C, D, hs)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gout):
+        u, dt, A, B, C, D, hs = ctx.saved_tensors
+        lib = _load_kernel()
+        nb, nd, length = u.shape
+        n_state = A.shape[1]
+        groups = min(_GROUPS, nd)
+        suffix = "f32" if u.dtype == torch.float32 else "f64"
+        gout = gout.contiguous()
+        gu, gdt = torch.empty_like(u), torch.empty_like(u)
+        gA = u.new_empty(nb, nd, n_state, dtype=torch.float64)
+        gD = u.new_empty(nb, nd, dtype=torch.float64)
+        gB = u.new_empty(nb, groups, length, n_state)
+        gC = u.new_empty(nb, groups, length, n_state)
+        getattr(lib, f"scan_bwd_{suffix}")(
+            *map(_ptr, (u, dt, A, B, C, D)),
+            nb,
+            nd,
+            length,
+            n_state,
+            _CHUNK,
+            groups,
+            *map(_ptr, (hs, gout, gu, gdt, gA, gD, gB, gC)),
+            torch.get_num_threads(),
+        )
+        return (
+            gu,
+            gdt,
+            gA.sum(0).to(u.dtype),
+            gB.sum(1),
+            gC.sum(1),
+            gD.sum(0).to(u.dtype),
+        )
+
+
+def _selective_scan_compiled(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False
+):
+    if u.device.type != "cpu":
+        raise ValueError(
+            f"impl='compiled' runs on CPU, got {u.device}: use impl='cuda'"
+        )
+    if u.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"impl='compiled' needs float32 or float64, got {u.dtype}")
+    # Bias, softplus and gate stay in PyTorch (cheap elementwise passes with autograd); the
+    # kernel does the recurrence and the skip.
+    dt = delta if delta_bias is None else delta + delta_bias[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    if D is None:
+        D = u.new_zeros(u.shape[1])
+    y = _CompiledScan.apply(
+        u.contiguous(),
+        dt.to(u.dtype).contiguous(),
+        A.to(u.dtype).contiguous(),
+        B.to(u.dtype).transpose(1, 2).contiguous(),
+        C.to(u.dtype).transpose(1, 2).contiguous(),
+        D.to(u.dtype).contiguous(),
+    )
+    if z is not None:
+        y = y * F.silu(z)
+    return y
+
+
+def _selective_scan_cuda(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False
+):
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def _cuda_available(x):
+    if not x.is_cuda:
+        return False
+    try:
+        import mamba_ssm.ops.selective_scan_interface  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_fallback_reported = False
+
+
+def _resolve_impl(impl, x):
+    # "auto" -> the fastest implementation that runs here; says once on stderr if that is
+    # the PyTorch loop.
+    global _fallback_reported
+    if impl not in ("auto", "ref", "torch", "compiled", "cuda"):
+        raise ValueError(f"unknown scan impl {impl!r}")
+    if impl != "auto":
+        return impl
+    if _cuda_available(x):
+        return "cuda"
+    reason = None
+    if x.device.type != "cpu":
+        reason = f"mamba_ssm does not import and the compiled kernel is CPU-only"
+    else:
+        try:
+            _load_kernel()
+            return "compiled"
+        except RuntimeError as e:
+            reason = str(e)
+    if not _fallback_reported:
+        print(f"ssm: falling back to impl='torch': {reason}", file=sys.stderr)
+        _fallback_reported = True
+    return "torch"
+
+
+_IMPLS = {
+    "ref": selective_scan_ref,
+    "torch": _selective_scan_torch,
+    "compiled": _selective_scan_compiled,
+    "cuda": _selective_scan_cuda,
+}
+
+
 def selective_scan(
     u,
     delta,
@@ -93,16 +509,13 @@ def selective_scan(
         z: gate [B, D, L] or None; the output is multiplied by silu(z).
         delta_bias: [D] or None, added to delta.
         delta_softplus: apply softplus to delta + delta_bias.
-        impl: "auto", "ref", "torch", "compiled" or "cuda".
+        impl: "auto" (cuda kernels on GPU when mamba_ssm imports, else the compiled CPU kernel,
+            else "torch" with one note on stderr), "ref", "torch", "compiled" or "cuda".
     Returns:
         y [B, D, L] in the dtype of u.
     """
-    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    if impl == "ref":
-        return selective_scan_ref(*args)
-    if impl in ("torch", "auto", "compiled"):
-        return _selective_scan_torch(*args)
-    raise ValueError(f"unknown scan impl {impl!r}")
+    impl = _resolve_impl(impl, u)
+    return _IMPLS[impl](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 class Mamba(nn.Module):
