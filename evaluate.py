@@ -1,0 +1,627 @@
+"""Scores super-resolution on 48 kHz references: LSD, LSD-HF, LSD-LF, SNR and SI-SDR (SPEC §7).
+
+For every reference, protocol and input rate, the low-resolution input is made with
+dataset.simulate_lowres and scored as it is ("input") next to an "oracle" (the reference's
+high-band STFT magnitudes with the input's phase) and, when given, a model checkpoint or a folder
+of outputs produced elsewhere. References are read with dataset.to_48k_mono and scored in float32
+from memory, never through 16-bit files.
+
+    python evaluate.py --references ../shared/data/valid                      # baselines only
+    python evaluate.py --references DIR_OR_LIST --checkpoint runs/x/g_00010000  # a model
+    python evaluate.py --references DIR --outputs OUT_DIR --protocol sinc --rate 8
+"""
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+import dataset
+import metrics
+import models
+import utils
+
+SR = 48000
+PROTOCOLS = ("authors", "nuwave2", "sinc", "stft")
+ALL_PROTOCOLS = PROTOCOLS + ("random",)
+RATES_KHZ = (4, 8, 12, 16, 24)
+ALL_RATES_KHZ = (4, 6, 8, 12, 16, 24)
+METRICS = ("lsd", "lsd_hf", "lsd_lf", "snr", "si_sdr")
+# Spectrogram figures are drawn for the first files of each protocol x rate only.
+PLOTS_PER_CONDITION = 2
+# inference_wav.py names its output <name>_superresolved.wav; it still matches <name>.
+OUTPUT_SUFFIX = "_superresolved"
+# How dataset.simulate_lowres makes each protocol's input, for the printed header.
+PROTOCOL_TEXT = {
+    "authors": "causal Chebyshev I (order 8, 0.1 dB) + FFT resampling down and up (SPEC §4)",
+    "nuwave2": "zero-phase Chebyshev I (order 8, 0.05 dB) + polyphase resampling",
+    "sinc": "soxr VHQ resampling down and up (AP-BWE)",
+    "stft": "STFT 2048/512 Hann with bins at or above rate/2 zeroed (ssr_eval)",
+    "random": "random filter family, order, ripple, phase and resampler per file (seeded)",
+}
+
+
+def load_generator(checkpoint: str, cfgs_path: str | None = None):
+    """Builds the generator of a g_ checkpoint, ready for inference.
+
+    Args:
+        checkpoint: path of a g_XXXXXXXX file ({"generator", "config", "step"}).
+        cfgs_path: a JSON config to use instead of the one stored in the checkpoint.
+    Returns:
+        (generator in eval mode with weight norm removed, Config, step or None).
+    """
+    ckpt = utils.load_checkpoint(checkpoint)
+    if not isinstance(ckpt, dict) or "generator" not in ckpt:
+        raise ValueError(f"{checkpoint} is not a g_ checkpoint: no 'generator' entry")
+    if cfgs_path is not None:
+        cfg = utils.load_config(cfgs_path)
+    elif "config" in ckpt:
+        cfg = utils.config_from_dict(ckpt["config"], checkpoint)
+    else:
+        raise ValueError(f"{checkpoint} holds no config; pass --cfgs_path")
+    generator = models.WaveUMamba(**dataclasses.asdict(cfg.model))
+    try:
+        generator.load_state_dict(ckpt["generator"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"{checkpoint} does not fit the configured model: {first}")
+    generator.remove_weight_norm()
+    return generator.eval(), cfg, ckpt.get("step")
+
+
+def run_generator(generator, x: np.ndarray, peak: float) -> np.ndarray:
+    """Super-resolves one whole utterance in a single pass.
+
+    The input is scaled to the training peak level (cfg.audio.peak) and the output scaled back,
+    so scores are taken at the reference's own level; it is zero-padded to a multiple of the
+    model's hop (16) and trimmed back.
+
+    Args:
+        generator: a WaveUMamba in eval mode.
+        x: low-resolution input at 48 kHz, float32 [T].
+        peak: peak level the model was trained on.
+    Returns:
+        y_hat, float32 [T].
+    """
+    top = float(np.max(np.abs(x)))
+    gain = peak / top if top > 0 else 1.0
+    pad = -len(x) % generator.hop
+    device = next(generator.parameters()).device
+    x_in = torch.from_numpy(np.pad(x * gain, (0, pad)).astype(np.float32))
+    with torch.inference_mode():
+        y_hat = generator(x_in.to(device)[None, None])[0, 0, : len(x)]
+    return (y_hat.float().cpu().numpy() / gain).astype(np.float32)
+
+
+def _stft(x: np.ndarray) -> torch.Tensor:
+    window = torch.hann_window(metrics.N_FFT)
+    return torch.stft(
+        torch.from_numpy(x),
+        metrics.N_FFT,
+        metrics.HOP_SIZE,
+        window=window,
+        return_complex=True,
+    )
+
+
+def oracle(x: np.ndarray, y: np.ndarray, cutoff_hz: float) -> np.ndarray:
+    """The input with the reference's true high-band magnitudes and the input's own phase.
+
+    STFT (n_fft 2048, hop 512, Hann, centred) of the input; bins above cutoff_hz take the
+    reference's magnitude and keep the input's phase; inverse STFT. It bounds what a model that
+    predicts magnitudes perfectly but reuses the input's phase could reach.
+
+    Args:
+        x: low-resolution input at 48 kHz, float32 [T].
+        y: reference, float32 [T].
+        cutoff_hz: Nyquist frequency of the input in Hz (bins above it are replaced).
+    Returns:
+        float32 [T].
+    """
+    spec_x, spec_y = _stft(x), _stft(y)
+    high = torch.arange(spec_x.shape[0]) * (SR / metrics.N_FFT) > cutoff_hz
+    spec_x[high] = torch.polar(spec_y[high].abs(), spec_x[high].angle())
+    window = torch.hann_window(metrics.N_FFT)
+    out = torch.istft(
+        spec_x, metrics.N_FFT, metrics.HOP_SIZE, window=window, length=len(x)
+    )
+    return out.numpy().astype(np.float32)
+
+
+def score(y, y_hat, cutoff_hz: float | None, variant: str) -> dict:
+    """All metrics of one utterance: lsd, lsd_hf, lsd_lf (None without a cut-off), snr, si_sdr."""
+    out = {"lsd_hf": None, "lsd_lf": None}
+    out.update(metrics.lsd(y, y_hat, SR, cutoff_hz, variant))
+    out["snr"] = metrics.snr(y, y_hat)
+    out["si_sdr"] = metrics.si_sdr(y, y_hat)
+    return out
+
+
+def _rows(path, y, signals, protocol, rate_khz, variant) -> list[dict]:
+    cutoff = None if rate_khz is None else rate_khz * 500
+    common = {"file": _name(path), "protocol": protocol, "rate_khz": rate_khz}
+    try:
+        return [
+            {**common, "system": system, **score(y, y_hat, cutoff, variant)}
+            for system, y_hat in signals.items()
+        ]
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def make_input(
+    y: np.ndarray, protocol: str, rate_khz: int, seed: int, index: int
+) -> np.ndarray:
+    """The low-resolution input of one reference, as every mode of this script makes it.
+
+    Args:
+        y: reference at 48 kHz, float32 [T].
+        protocol: a dataset.simulate_lowres protocol.
+        rate_khz: input sampling rate in kHz (content above rate_khz / 2 kHz is removed).
+        seed, index: the run's seed and the reference's position in the list.
+    Returns:
+        float32 [T] at 48 kHz.
+    """
+    # One stream per (protocol, rate, file), so a subset of the grid reproduces the full run.
+    rng = np.random.default_rng([seed, ALL_PROTOCOLS.index(protocol), rate_khz, index])
+    x = dataset.simulate_lowres(y, rate_khz * 1000, protocol, rng=rng, sr=SR)
+    return np.asarray(x, dtype=np.float32)
+
+
+def _name(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def evaluate(
+    references: list[str],
+    protocols,
+    rates_khz,
+    variant: str = "field",
+    seed: int = 1234,
+    generator=None,
+    peak: float = 0.9,
+    plot=None,
+):
+    """Scores the baselines (and a model) on every reference x protocol x rate.
+
+    Args:
+        references: audio files, read with dataset.to_48k_mono.
+        protocols: names for dataset.simulate_lowres.
+        rates_khz: input sampling rates in kHz.
+        variant: LSD variant, "field" or "authors".
+        seed: seeds the low-resolution simulation (one stream per protocol, rate and file).
+        generator: a WaveUMamba from load_generator, or None for baselines only.
+        peak: peak level the generator was trained on.
+        plot: callable(name, protocol, rate_khz, signals dict) called for each condition, or None.
+    Returns:
+        Per-file rows: dicts with file, protocol, rate_khz, system ("model", "input", "oracle")
+        and the METRICS.
+    """
+    rows = []
+    for index, path in enumerate(references):
+        y = dataset.to_48k_mono(path).astype(np.float32)
+        for protocol in protocols:
+            for rate in rates_khz:
+                x = make_input(y, protocol, rate, seed, index)
+                signals = {"input": x, "oracle": oracle(x, y, rate * 500)}
+                if generator is not None:
+                    signals["model"] = run_generator(generator, x, peak)
+                rows += _rows(path, y, signals, protocol, rate, variant)
+                if plot is not None:
+                    plot(_name(path), protocol, rate, {"reference": y} | signals)
+    return rows
+
+
+def match_outputs(references: list[str], outputs: list[str]) -> list[tuple[str, str]]:
+    """Pairs references with outputs of the same file-name stem (a trailing "_superresolved",
+    inference_wav.py's suffix, is ignored). Raises ValueError when nothing matches."""
+    by_stem = {}
+    for path in outputs:
+        stem = _name(path)
+        if stem.endswith(OUTPUT_SUFFIX):
+            stem = stem[: -len(OUTPUT_SUFFIX)]
+        if stem in by_stem:
+            raise ValueError(f"two outputs for {stem!r}: {by_stem[stem]} and {path}")
+        by_stem[stem] = path
+    pairs = [(r, by_stem[_name(r)]) for r in references if _name(r) in by_stem]
+    if not pairs:
+        raise ValueError("no output file name matches a reference file name")
+    missing = len(references) - len(pairs)
+    if missing:
+        print(
+            f"warning: {missing} references have no output; scored {len(pairs)}",
+            file=sys.stderr,
+        )
+    return pairs
+
+
+def evaluate_outputs(
+    pairs,
+    protocol: str | None,
+    rate_khz: int | None,
+    variant: str = "field",
+    seed: int = 1234,
+    plot=None,
+):
+    """Scores outputs made elsewhere against their references (and the baselines, when the
+    protocol and rate that made their inputs are known).
+
+    Args:
+        pairs: (reference path, output path) from match_outputs.
+        protocol, rate_khz: how the inputs were made, or both None (then only full-band
+            metrics of the outputs are computed).
+        variant, seed, plot: as in evaluate().
+    Returns:
+        Per-file rows as in evaluate(), system "model" for the outputs.
+    """
+    rows = []
+    for index, (ref_path, out_path) in enumerate(pairs):
+        y = dataset.to_48k_mono(ref_path).astype(np.float32)
+        y_hat = dataset.to_48k_mono(out_path).astype(np.float32)
+        if len(y_hat) != len(y):
+            print(
+                f"warning: {out_path} has {len(y_hat)} samples, reference {len(y)}; "
+                "scoring the common part",
+                file=sys.stderr,
+            )
+        signals = {"model": y_hat}
+        if protocol is not None:
+            x = make_input(y, protocol, rate_khz, seed, index)
+            signals |= {"input": x, "oracle": oracle(x, y, rate_khz * 500)}
+        rows += _rows(ref_path, y, signals, protocol, rate_khz, variant)
+        if plot is not None and protocol is not None:
+            plot(_name(ref_path), protocol, rate_khz, {"reference": y} | signals)
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Means over files per (protocol, rate, system), in first-seen order, with the count n."""
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["protocol"], row["rate_khz"], row["system"]), []).append(
+            row
+        )
+    summary = []
+    for (protocol, rate, system), group in groups.items():
+        entry = {
+            "protocol": protocol,
+            "rate_khz": rate,
+            "system": system,
+            "n": len(group),
+        }
+        for key in METRICS:
+            values = [row[key] for row in group]
+            entry[key] = None if None in values else float(np.mean(values))
+        summary.append(entry)
+    return summary
+
+
+def _fmt(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(summary: list[dict]) -> str:
+    """The Markdown table: one row per protocol x rate, model columns first, then baselines."""
+    cells = {(s["protocol"], s["rate_khz"], s["system"]): s for s in summary}
+    conditions = list(dict.fromkeys((s["protocol"], s["rate_khz"]) for s in summary))
+    has_model = any(s["system"] == "model" for s in summary)
+    header = ["protocol", "input rate", "n"]
+    if has_model:
+        header += ["LSD", "LSD-HF", "LSD-LF", "SNR (dB)", "SI-SDR (dB)"]
+    header += ["input LSD", "input LSD-HF", "oracle LSD", "oracle LSD-HF"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for protocol, rate in conditions:
+        model = cells.get((protocol, rate, "model"), {})
+        base_in = cells.get((protocol, rate, "input"), {})
+        base_or = cells.get((protocol, rate, "oracle"), {})
+        n = (model or base_in)["n"]
+        row = [protocol or "-", "-" if rate is None else f"{rate} kHz", str(n)]
+        if has_model:
+            row += [_fmt(model.get(k), 3) for k in ("lsd", "lsd_hf", "lsd_lf")]
+            row += [_fmt(model.get(k), 2) for k in ("snr", "si_sdr")]
+        row += [_fmt(base_in.get(k), 3) for k in ("lsd", "lsd_hf")]
+        row += [_fmt(base_or.get(k), 3) for k in ("lsd", "lsd_hf")]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def describe(settings: dict) -> str:
+    """The printed header: what was scored, how the inputs were made and which LSD variant."""
+    lsd_text = {
+        "field": "field variant (NU-Wave 2 / AP-BWE): torch.stft n_fft 2048, hop 512, periodic "
+        "Hann, centred frames (reflect padding), power clamped below at 1e-8, log10",
+        "authors": "authors' variant (Wave-U-Mamba inference.py): n_fft 2048, hop 512, periodic "
+        "Hann, uncentred frames, log10(power + 1e-10)",
+    }[settings["variant"]]
+    lines = [
+        "## evaluate.py",
+        f"- references: {settings['n_references']} files from {settings['references']}, read "
+        "with dataset.to_48k_mono (48 kHz mono float32), scored from memory at their own level",
+    ]
+    if settings["protocols"]:
+        lines.append(
+            "- inputs: dataset.simulate_lowres(y, rate, protocol) on each whole reference, "
+            f"returned at 48 kHz; rates {', '.join(f'{r} kHz' for r in settings['rates_khz'])}; "
+            f"seed {settings['seed']}; protocols:"
+        )
+        lines += [f"  - {p}: {PROTOCOL_TEXT[p]}" for p in settings["protocols"]]
+        lines.append(
+            "- baselines: input = that low-resolution input as it is (band-limited, at 48 kHz); "
+            "oracle = STFT (2048/512, Hann) of the input with magnitudes above rate/2 replaced "
+            "by the reference's, input phase kept, inverse STFT"
+        )
+    else:
+        lines.append(
+            "- inputs: made elsewhere, protocol and rate unknown (no LSD-HF/LF, no baselines)"
+        )
+    if settings["mode"] == "checkpoint":
+        step = settings["step"]
+        lines.append(
+            f"- model: {settings['checkpoint']} (step {step}), whole utterance in one pass, "
+            "weight norm removed, input zero-padded to a multiple of 16 and trimmed back, scaled "
+            f"to peak {settings['peak']} for the model and the output scaled back"
+        )
+    elif settings["mode"] == "outputs":
+        lines.append(
+            f"- model: outputs from {settings['outputs']} matched by file-name stem, read with "
+            "dataset.to_48k_mono, trimmed to the common length"
+        )
+    lines.append(
+        f"- LSD: {lsd_text}; RMS over bins per frame, mean over frames, mean over files. "
+        "LSD-HF: bins above rate/2; LSD-LF: bins at or below it. SNR and SI-SDR in dB, mean "
+        "over files"
+    )
+    return "\n".join(lines)
+
+
+def _finite(value):
+    return value if value is None or math.isfinite(value) else None
+
+
+def write_results(
+    out_dir: str, settings: dict, summary: list[dict], rows: list[dict]
+) -> None:
+    """Writes evaluate.csv (one row per file x condition x system) and evaluate.json (settings,
+    summary and per-file rows; non-finite values become null), atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    fields = ["file", "protocol", "rate_khz", "system", *METRICS]
+    with utils.atomic_path(os.path.join(out_dir, "evaluate.csv")) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    clean = [{k: _finite(v) if k in METRICS else v for k, v in r.items()} for r in rows]
+    tidy = [
+        {k: _finite(v) if k in METRICS else v for k, v in s.items()} for s in summary
+    ]
+    with utils.atomic_path(os.path.join(out_dir, "evaluate.json")) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(
+                {"settings": settings, "summary": tidy, "per_file": clean}, f, indent=1
+            )
+
+
+def _save(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    with utils.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def spectrogram_plotter(plot_dir: str, per_condition: int = PLOTS_PER_CONDITION):
+    """A plot callback for evaluate(): reference / input / outputs side by side, one shared
+    colour scale (dB, 80 dB below the reference's peak), frequency in kHz."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(plot_dir, exist_ok=True)
+    counts = {}
+
+    def plot(name, protocol, rate_khz, signals):
+        key = (protocol, rate_khz)
+        counts[key] = counts.get(key, 0) + 1
+        if counts[key] > per_condition:
+            return
+        order = [s for s in ("reference", "input", "model", "oracle") if s in signals]
+        specs = {
+            s: 10 * torch.log10(_stft(signals[s]).abs().square().clamp(min=1e-10))
+            for s in order
+        }
+        vmax = float(specs["reference"].max())
+        fig, axes = plt.subplots(
+            1, len(order), figsize=(4.5 * len(order), 3.5), squeeze=False
+        )
+        for ax, system in zip(axes[0], order):
+            utils.plot_spectrogram(
+                specs[system].numpy(),
+                ax=ax,
+                sampling_rate=SR,
+                vmin=vmax - 80,
+                vmax=vmax,
+            )
+            ax.set_title(f"{system} ({name}, {protocol}, {rate_khz} kHz)", fontsize=8)
+        _save(fig, os.path.join(plot_dir, f"{name}_{protocol}_{rate_khz}k.png"))
+
+    return plot
+
+
+def plot_bars(plot_dir: str, summary: list[dict]) -> None:
+    """One bar chart per input rate: mean LSD of model and baselines for each protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(plot_dir, exist_ok=True)
+    systems = [
+        s
+        for s in ("model", "input", "oracle")
+        if any(e["system"] == s for e in summary)
+    ]
+    for rate in dict.fromkeys(
+        e["rate_khz"] for e in summary if e["rate_khz"] is not None
+    ):
+        entries = [e for e in summary if e["rate_khz"] == rate]
+        protocols = list(dict.fromkeys(e["protocol"] for e in entries))
+        lsd = {(e["protocol"], e["system"]): e["lsd"] for e in entries}
+        fig, ax = plt.subplots(figsize=(1.5 + 1.5 * len(protocols), 3.5))
+        width = 0.8 / len(systems)
+        for i, system in enumerate(systems):
+            positions = np.arange(len(protocols)) + (i - (len(systems) - 1) / 2) * width
+            heights = [lsd.get((p, system), 0.0) for p in protocols]
+            ax.bar(positions, heights, width, label=system)
+        ax.set_xticks(np.arange(len(protocols)), protocols)
+        ax.set_ylabel("LSD")
+        ax.set_title(f"{rate} kHz input")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        _save(fig, os.path.join(plot_dir, f"lsd_{rate}k.png"))
+
+
+def _parse_rates(values) -> list[int]:
+    rates = []
+    for value in values:
+        try:
+            rate = int(value)
+        except ValueError:
+            rate = None
+        if rate not in ALL_RATES_KHZ:
+            raise ValueError(
+                f"unknown rate {value!r} (kHz), expected one of {list(ALL_RATES_KHZ)}"
+            )
+        rates.append(rate)
+    return rates
+
+
+def _parse_protocols(values) -> list[str]:
+    for value in values:
+        if value not in ALL_PROTOCOLS:
+            raise ValueError(
+                f"unknown protocol {value!r}, expected one of {list(ALL_PROTOCOLS)}"
+            )
+    return list(values)
+
+
+def _fail(message: str):
+    print(f"evaluate.py: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def main(argv=None) -> str:
+    """Command-line entry point; returns the printed report."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.error = _fail
+    parser.add_argument(
+        "--references", required=True, help="folder or .txt list of 48 kHz references"
+    )
+    parser.add_argument(
+        "--data_root", default=".", help="root that a .txt list's paths are relative to"
+    )
+    parser.add_argument(
+        "--checkpoint", help="a g_XXXXXXXX generator checkpoint to evaluate"
+    )
+    parser.add_argument(
+        "--cfgs_path", help="config to use instead of the checkpoint's own"
+    )
+    parser.add_argument(
+        "--outputs", help="folder of outputs made elsewhere, matched by file name"
+    )
+    parser.add_argument("--protocol", help="with --outputs: how their inputs were made")
+    parser.add_argument("--rate", help="with --outputs: their input rate in kHz")
+    parser.add_argument(
+        "--protocols", nargs="+", help=f"default: {' '.join(PROTOCOLS)}"
+    )
+    parser.add_argument(
+        "--rates", nargs="+", help=f"kHz, default: {' '.join(map(str, RATES_KHZ))}"
+    )
+    parser.add_argument(
+        "--variant", default="field", help="LSD variant: field or authors"
+    )
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--out", help="folder for evaluate.csv and evaluate.json")
+    parser.add_argument("--plots", help="folder for spectrogram and bar-chart figures")
+    a = parser.parse_args(argv)
+    try:
+        report = _run(a)
+    except (ValueError, OSError) as e:
+        _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    print(report)
+    return report
+
+
+def _run(a) -> str:
+    if a.variant not in metrics.VARIANTS:
+        raise ValueError(
+            f"unknown LSD variant {a.variant!r}, expected one of {metrics.VARIANTS}"
+        )
+    if a.checkpoint and a.outputs:
+        raise ValueError("give --checkpoint or --outputs, not both")
+    if a.outputs and (a.protocols or a.rates):
+        raise ValueError(
+            "with --outputs, give the one --protocol and --rate that made the inputs"
+        )
+    if not a.outputs and (a.protocol or a.rate):
+        raise ValueError(
+            "--protocol and --rate go with --outputs; use --protocols and --rates"
+        )
+    if (a.protocol is None) != (a.rate is None):
+        raise ValueError("give both --protocol and --rate, or neither")
+    if a.cfgs_path and not a.checkpoint:
+        raise ValueError("--cfgs_path needs --checkpoint")
+    references = dataset.list_audio_files(a.data_root, a.references)
+    utils.seed_everything(a.seed)
+    settings = {
+        "references": a.references,
+        "n_references": len(references),
+        "variant": a.variant,
+        "seed": a.seed,
+        "mode": (
+            "checkpoint" if a.checkpoint else "outputs" if a.outputs else "baselines"
+        ),
+    }
+    plot = spectrogram_plotter(a.plots) if a.plots else None
+    if a.outputs:
+        protocols = _parse_protocols([a.protocol]) if a.protocol else []
+        rates = _parse_rates([a.rate]) if a.rate else []
+        pairs = match_outputs(references, dataset.list_audio_files(".", a.outputs))
+        settings |= {"outputs": a.outputs, "protocols": protocols, "rates_khz": rates}
+        rows = evaluate_outputs(
+            pairs,
+            protocols[0] if protocols else None,
+            rates[0] if rates else None,
+            a.variant,
+            a.seed,
+            plot,
+        )
+    else:
+        protocols = _parse_protocols(a.protocols or PROTOCOLS)
+        rates = _parse_rates(a.rates or RATES_KHZ)
+        settings |= {"protocols": protocols, "rates_khz": rates}
+        generator, peak = None, None
+        if a.checkpoint:
+            generator, cfg, step = load_generator(a.checkpoint, a.cfgs_path)
+            peak = cfg.audio.peak
+            settings |= {"checkpoint": a.checkpoint, "step": step, "peak": peak}
+        rows = evaluate(
+            references, protocols, rates, a.variant, a.seed, generator, peak, plot
+        )
+    summary = summarise(rows)
+    report = describe(settings) + "\n\n" + format_table(summary)
+    if a.out:
+        write_results(a.out, settings, summary, rows)
+    if a.plots:
+        plot_bars(a.plots, summary)
+    return report
+
+
+if __name__ == "__main__":
+    main()
