@@ -316,9 +316,9 @@ def _load_kernel():
                 [compiler, *flags, src, "-o", tmp], capture_output=True, text=True
             )
             if result.returncode != 0:
-                raise RuntimeError(
-                    f"{compiler} failed: {result.stderr.strip()[-2000:]}"
-                )
+                lines = result.stderr.splitlines() or ["no output"]
+                first = next((line for line in lines if "error" in line), lines[0])
+                raise RuntimeError(f"{compiler} failed: {first.strip()}")
             os.replace(tmp, lib_path)  # atomic: concurrent first uses do not clash
         lib = ctypes.CDLL(lib_path)
     except (OSError, RuntimeError) as e:

@@ -1,0 +1,223 @@
+"""Tests for ssm.py: every scan impl against the sequential reference, the hand-written
+backward under gradcheck, long float32 scans, and the Mamba mixer's mamba_ssm parameters.
+"""
+
+import math
+
+import pytest
+import torch
+
+import ssm
+
+# mamba_ssm.Mamba(d_model=32) v1 (d_inner 64, dt_rank 2, d_state 16, d_conv 4), written out
+# because mamba_ssm cannot be installed here.
+MAMBA_SSM_PARAMS_D32 = {
+    "A_log": (64, 16),
+    "D": (64,),
+    "in_proj.weight": (128, 32),
+    "conv1d.weight": (64, 1, 4),
+    "conv1d.bias": (64,),
+    "x_proj.weight": (34, 64),
+    "dt_proj.weight": (64, 2),
+    "dt_proj.bias": (64,),
+    "out_proj.weight": (32, 64),
+}
+
+
+def scan_inputs(b, d, length, dtype=torch.float64, seed=0, n=16):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "u": torch.randn(b, d, length, generator=g, dtype=dtype),
+        "delta": torch.randn(b, d, length, generator=g, dtype=dtype) - 1.0,
+        "A": -torch.exp(torch.randn(d, n, generator=g, dtype=dtype)),
+        "B": torch.randn(b, n, length, generator=g, dtype=dtype),
+        "C": torch.randn(b, n, length, generator=g, dtype=dtype),
+        "D": torch.randn(d, generator=g, dtype=dtype),
+        "z": torch.randn(b, d, length, generator=g, dtype=dtype),
+        "delta_bias": torch.randn(d, generator=g, dtype=dtype) * 0.5,
+    }
+
+
+def run_scan(inputs, impl, options, seed=1):
+    """Output and gradients of all given tensors for a random output gradient."""
+    kwargs = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    for name in ("D", "z", "delta_bias"):
+        if name not in options:
+            kwargs.pop(name)
+    if "delta_softplus" not in options:
+        # keep dt positive without softplus
+        kwargs["delta"] = kwargs["delta"].detach().exp().requires_grad_(True)
+    y = ssm.selective_scan(
+        **kwargs, delta_softplus="delta_softplus" in options, impl=impl
+    )
+    g = torch.Generator().manual_seed(seed)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    grads = torch.autograd.grad(y, list(kwargs.values()), gy)
+    return y, dict(zip(kwargs, grads))
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+OPTIONS = [
+    (),
+    ("D",),
+    ("D", "z"),
+    ("delta_bias", "delta_softplus"),
+    ("D", "z", "delta_bias", "delta_softplus"),
+]
+
+
+@pytest.mark.parametrize("impl", ["torch", "compiled"])
+@pytest.mark.parametrize("length", [1, 2, 3, 17, 64])
+@pytest.mark.parametrize("options", OPTIONS)
+def test_impl_matches_reference(impl, length, options):
+    inputs = scan_inputs(2, 3, length)
+    y_ref, g_ref = run_scan(inputs, "ref", options)
+    y, g = run_scan(inputs, impl, options)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    assert g.keys() == g_ref.keys()
+    for name in g:
+        torch.testing.assert_close(
+            g[name], g_ref[name], rtol=1e-10, atol=1e-12, msg=name
+        )
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 128])
+def test_compiled_chunked_backward_matches_reference(monkeypatch, chunk):
+    # lengths that end inside, at and past a chunk of stored states
+    monkeypatch.setattr(ssm, "_CHUNK", chunk)
+    inputs = scan_inputs(2, 11, 133, n=5)
+    options = OPTIONS[-1]
+    y_ref, g_ref = run_scan(inputs, "ref", options)
+    y, g = run_scan(inputs, "compiled", options)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    for name in g:
+        torch.testing.assert_close(
+            g[name], g_ref[name], rtol=1e-10, atol=1e-12, msg=name
+        )
+
+
+def test_compiled_gradcheck(monkeypatch):
+    monkeypatch.setattr(ssm, "_CHUNK", 4)
+    inputs = scan_inputs(2, 3, 10)
+    args = (
+        inputs["u"],
+        inputs["delta"].exp(),
+        inputs["A"],
+        inputs["B"].transpose(1, 2).contiguous(),
+        inputs["C"].transpose(1, 2).contiguous(),
+        inputs["D"],
+    )
+    args = [a.requires_grad_(True) for a in args]
+    assert torch.autograd.gradcheck(ssm._CompiledScan.apply, args)
+
+
+def test_compiled_float32_long_scan():
+    # dt spans 1e-4..10 (slow and instant decay) over 48,000 steps; the float64 kernel is the
+    # oracle here because the reference loop takes ~15 s at this length (the float64 kernel
+    # matches the reference in the tests above and in bench/bench_scan.py)
+    b, d, length = 1, 3, 48_000
+    inputs = scan_inputs(b, d, length)
+    g = torch.Generator().manual_seed(2)
+    log_dt = torch.empty(b, d, length, dtype=torch.float64)
+    inputs["delta"] = log_dt.uniform_(math.log(1e-4), math.log(10.0), generator=g)
+    options = ("D", "z")
+    y64, g64 = run_scan(inputs, "compiled", options)
+    y32, g32 = run_scan({k: v.float() for k, v in inputs.items()}, "compiled", options)
+    assert y32.dtype == torch.float32
+    assert torch.isfinite(y32).all()
+    assert rel_err(y32, y64) <= 1e-5
+    for name in g64:
+        assert torch.isfinite(g32[name]).all(), name
+        assert rel_err(g32[name], g64[name]) <= 1e-5, name
+    y_ref = ssm.selective_scan_ref(
+        inputs["u"][:, :1],
+        inputs["delta"][:, :1].exp(),
+        inputs["A"][:1],
+        inputs["B"],
+        inputs["C"],
+        inputs["D"][:1],
+        inputs["z"][:, :1],
+    )
+    assert rel_err(y32[:, :1], y_ref) <= 1e-5
+
+
+def test_compiled_is_first_order_only():
+    inputs = scan_inputs(1, 2, 8)
+    u = inputs["u"].requires_grad_(True)
+    y = ssm.selective_scan(
+        u, inputs["delta"].exp(), inputs["A"], inputs["B"], inputs["C"], impl="compiled"
+    )
+    (gu,) = torch.autograd.grad(y.square().sum(), u, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gu.sum().backward()
+
+
+def test_bad_impl_and_dtype():
+    inputs = scan_inputs(1, 2, 8)
+    args = (inputs["u"], inputs["delta"].exp(), inputs["A"], inputs["B"], inputs["C"])
+    with pytest.raises(ValueError, match="'fast'"):
+        ssm.selective_scan(*args, impl="fast")
+    with pytest.raises(ValueError, match="float16"):
+        ssm.selective_scan(*(a.half() for a in args), impl="compiled")
+
+
+def test_failed_build_is_reported(monkeypatch, capsys):
+    monkeypatch.setattr(ssm, "_KERNEL_SOURCE", "this is not C++")
+    monkeypatch.setattr(ssm, "_kernel", None)
+    monkeypatch.setattr(ssm, "_kernel_error", None)
+    monkeypatch.setattr(ssm, "_fallback_reported", False)
+    inputs = scan_inputs(1, 2, 8)
+    args = (inputs["u"], inputs["delta"].exp(), inputs["A"], inputs["B"], inputs["C"])
+    with pytest.raises(RuntimeError, match="impl='torch'"):
+        ssm.selective_scan(*args, impl="compiled")
+    y = ssm.selective_scan(*args, impl="auto")
+    ssm.selective_scan(*args, impl="auto")
+    torch.testing.assert_close(y, ssm.selective_scan_ref(*args))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "impl='torch'" in lines[0]
+
+
+def test_mamba_parameters_match_mamba_ssm():
+    torch.manual_seed(0)
+    m = ssm.Mamba(32)
+    shapes = {name: tuple(p.shape) for name, p in m.named_parameters()}
+    assert shapes == MAMBA_SSM_PARAMS_D32
+    assert m.A_log._no_weight_decay and m.D._no_weight_decay
+    torch.testing.assert_close(
+        m.A_log, torch.log(torch.arange(1, 17.0)).expand(64, 16), rtol=0, atol=0
+    )
+    torch.testing.assert_close(m.D, torch.ones(64), rtol=0, atol=0)
+    assert m.dt_proj.weight.abs().max() <= 2**-0.5
+    dt = torch.nn.functional.softplus(m.dt_proj.bias)
+    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
+    assert m.conv1d.padding == (3,) and m.conv1d.groups == 64
+
+
+def test_mamba_state_dict_round_trip():
+    torch.manual_seed(0)
+    a, b = ssm.Mamba(32), ssm.Mamba(32, impl="torch")
+    b.load_state_dict(a.state_dict(), strict=True)
+    x = torch.randn(2, 50, 32)
+    torch.testing.assert_close(b(x), a(x))
+
+
+def test_mamba_compiled_matches_torch():
+    torch.manual_seed(0)
+    m = ssm.Mamba(16, impl="compiled")
+    # trained-looking step sizes and decays, not just the initial ones
+    with torch.no_grad():
+        m.dt_proj.bias.normal_(-2.0, 2.0)
+        m.A_log.add_(torch.randn_like(m.A_log))
+    x = torch.randn(2, 300, 16, requires_grad=True)
+    y = m(x)
+    grads = torch.autograd.grad(y.square().sum(), [x, *m.parameters()])
+    m.impl = "torch"
+    y_t = m(x)
+    grads_t = torch.autograd.grad(y_t.square().sum(), [x, *m.parameters()])
+    assert y.shape == x.shape
+    assert rel_err(y, y_t) <= 1e-5
+    for name, g, g_t in zip(["x", *dict(m.named_parameters())], grads, grads_t):
+        assert rel_err(g, g_t) <= 1e-5, name
