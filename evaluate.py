@@ -89,6 +89,8 @@ def run_generator(generator, x: np.ndarray, peak: float) -> np.ndarray:
     Returns:
         y_hat, float32 [T].
     """
+    # Deviation: the authors fed files at their own level; training sees peak-normalised audio,
+    # so the model gets that level here and the output is scaled back for scoring.
     top = float(np.max(np.abs(x)))
     gain = peak / top if top > 0 else 1.0
     pad = -len(x) % generator.hop
@@ -543,6 +545,7 @@ def main(argv=None) -> str:
     parser.add_argument(
         "--rates", nargs="+", help=f"kHz, default: {' '.join(map(str, RATES_KHZ))}"
     )
+    # Deviation: the default LSD is the field's (SPEC §7), not the authors' inference.py one.
     parser.add_argument(
         "--variant", default="field", help="LSD variant: field or authors"
     )
