@@ -29,7 +29,10 @@ PROTOCOLS = ("authors", "random", "nuwave2", "sinc", "stft")
 FILELISTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "filelists")
 VCTK_LAYOUTS = {
     "vctk080": ("wav48", re.compile(r"^(p\d{3}|s\d+)_\d{3}\.wav$")),
-    "vctk092": ("wav48_silence_trimmed", re.compile(r"^(p\d{3}|s\d+)_\d{3}_mic1\.flac$")),
+    "vctk092": (
+        "wav48_silence_trimmed",
+        re.compile(r"^(p\d{3}|s\d+)_\d{3}_mic1\.flac$"),
+    ),
 }
 VCTK_SPLITS = {"kuleshov": ("train", "valid"), "common": ("train", "test")}
 
@@ -42,7 +45,8 @@ def load_audio(path: str) -> tuple[np.ndarray, int]:
     Returns:
         (x, sr): x float32 [channels, T] in [-1, 1] for PCM, sr in Hz.
         Raises ValueError naming the file if it is missing, not audio, truncated, corrupt,
-        empty, or holds NaN/Inf samples.
+        empty, or holds NaN/Inf samples. (An OGG file stores no length, so one cut short
+        loads as a shorter clip.)
     """
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such audio file")
@@ -52,10 +56,13 @@ def load_audio(path: str) -> tuple[np.ndarray, int]:
             log = f.extra_info
             x = f.read(dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise ValueError(f"{path}: not a readable audio file ({e})") from None
+        raise ValueError(
+            f"{path}: not a readable audio file, or truncated/corrupt ({e})"
+        ) from None
     # libsndfile silently shortens a WAV whose data chunk is cut off and only logs it;
     # 0 and 0xFFFFFFFF are the placeholders of streamed files, not truncation.
-    for claimed, actual in re.findall(r"^data\s*:\s*(\d+) \(should be (\d+)\)", log, re.M):
+    truncation = r"^data\s*:\s*(\d+) \(should be (\d+)\)"
+    for claimed, actual in re.findall(truncation, log, re.M):
         if int(claimed) > int(actual) and int(claimed) not in (0, 0xFFFFFFFF):
             raise ValueError(f"{path}: truncated ({actual} of {claimed} data bytes)")
     if x.shape[0] < declared:
@@ -178,7 +185,9 @@ def simulate_lowres(
         float32 [T], the same length as y.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown low-resolution protocol {protocol!r}, use {PROTOCOLS}")
+        raise ValueError(
+            f"unknown low-resolution protocol {protocol!r}, use {PROTOCOLS}"
+        )
     if not 0 < sr_low <= sr:
         raise ValueError(f"sr_low must be in (0, {sr}], not {sr_low}")
     y = np.asarray(y, dtype=np.float64)
@@ -242,8 +251,8 @@ def list_audio_files(root: str, spec: str) -> list[str]:
         missing = [p for p in files if not os.path.isfile(p)]
         if missing:
             raise ValueError(
-                f"{list_path}: {len(missing)} of {len(files)} listed files missing under "
-                f"{root}, e.g. {missing[:3]}"
+                f"{list_path}: {len(missing)} of {len(files)} listed files missing "
+                f"under {root}, e.g. {missing[:3]}"
             )
     else:
         folder = os.path.join(root, spec)
@@ -281,7 +290,9 @@ class _AudioCache:
 def _peak_normalise(y: np.ndarray, peak: float, path: str) -> np.ndarray:
     top = np.max(np.abs(y))
     if top == 0:
-        raise ValueError(f"{path}: silent clip (all samples zero), cannot peak-normalise")
+        raise ValueError(
+            f"{path}: silent clip (all samples zero), cannot peak-normalise"
+        )
     return y * (peak / top)
 
 
@@ -417,7 +428,9 @@ def write_vctk_filelists(
         raise ValueError(f"unknown VCTK layout {layout!r}, use {list(VCTK_LAYOUTS)}")
     audio_dir, pattern = VCTK_LAYOUTS[layout]
     if not os.path.isdir(os.path.join(root, audio_dir)):
-        raise ValueError(f"{root}: no {audio_dir}/ folder, is this the {layout} layout?")
+        raise ValueError(
+            f"{root}: no {audio_dir}/ folder, is this the {layout} layout?"
+        )
     subsets = {s: read_speakers(split, s) for s in VCTK_SPLITS[split]}
     found, missing = {}, []
     for subset, speakers in subsets.items():
@@ -431,11 +444,15 @@ def write_vctk_filelists(
             found[subset] += [f"{audio_dir}/{spk}/{n}" for n in names]
     if missing and not allow_missing:
         raise ValueError(
-            f"{len(missing)} speakers of the {split} split have no {layout} files under "
-            f"{root}: {' '.join(missing)} (pass --allow_missing to write the lists anyway)"
+            f"{len(missing)} speakers of the {split} split have no {layout} files "
+            f"under {root}: {' '.join(missing)} (pass --allow_missing to write the "
+            "lists anyway)"
         )
     if missing:
-        print(f"warning: speakers missing from disk: {' '.join(missing)}", file=sys.stderr)
+        print(
+            f"warning: speakers missing from disk: {' '.join(missing)}",
+            file=sys.stderr,
+        )
     os.makedirs(out_dir, exist_ok=True)
     written = {}
     for subset, paths in found.items():
