@@ -140,7 +140,7 @@ def _soxr_down_up(z: np.ndarray, sr_low: float, sr: int, quality="VHQ") -> np.nd
 
 
 def _random_filter(rng: np.random.Generator, cutoff: float, sr: int) -> np.ndarray:
-    family = rng.choice(["cheby1", "butter", "bessel", "ellip"])
+    family = str(rng.choice(["cheby1", "butter", "bessel", "ellip"]))
     order = int(rng.integers(2, 11))
     ripple_db = rng.uniform(0.05, 1.0)
     stop_db = rng.uniform(40.0, 80.0)
@@ -197,7 +197,8 @@ def simulate_lowres(
         return y.astype(np.float32)
     cutoff = sr_low / 2
     if protocol == "authors":
-        # Second-order sections: the (b, a) form of this filter is unstable at low cutoffs.
+        # Second-order sections, where the authors used (b, a) with lfilter: identical to
+        # 5e-9 at the cutoffs used here, but (b, a) breaks down at lower cutoffs.
         sos = scipy.signal.cheby1(8, 0.1, cutoff, btype="low", output="sos", fs=sr)
         z = _fft_down_up(scipy.signal.sosfilt(sos, y), sr_low, sr)
     elif protocol == "random":
@@ -207,13 +208,13 @@ def simulate_lowres(
             z = scipy.signal.sosfiltfilt(sos, y)
         else:
             z = scipy.signal.sosfilt(sos, y)
-        resampler = rng.choice(["fft", "poly", "soxr"])
+        resampler = str(rng.choice(["fft", "poly", "soxr"]))
         if resampler == "fft":
             z = _fft_down_up(z, sr_low, sr)
         elif resampler == "poly":
             z = _poly_down_up(z, sr_low, sr)
         else:
-            z = _soxr_down_up(z, sr_low, sr, quality=rng.choice(["HQ", "VHQ"]))
+            z = _soxr_down_up(z, sr_low, sr, quality=str(rng.choice(["HQ", "VHQ"])))
     elif protocol == "nuwave2":
         sos = scipy.signal.cheby1(8, 0.05, cutoff, btype="low", output="sos", fs=sr)
         z = _poly_down_up(scipy.signal.sosfiltfilt(sos, y), sr_low, sr)
@@ -301,7 +302,10 @@ class TrainDataset(torch.utils.data.Dataset):
 
     Every random draw of item `index` comes from a generator seeded with (seed, epoch, index),
     so batches are reproducible, a resumed run sees the same data, and DataLoader workers
-    never share numbers. Call `set_epoch(epoch)` at the start of each epoch.
+    never share numbers. Call `set_epoch(epoch)` before iterating over each epoch; the epoch
+    lives in shared memory, so persistent DataLoader workers see it too. Use
+    `persistent_workers=True`: each worker keeps its own cache of decoded audio, which
+    non-persistent workers would lose at every epoch.
 
     Args:
         files: audio paths (any rate, any channel count).
@@ -321,19 +325,21 @@ class TrainDataset(torch.utils.data.Dataset):
         self.files = list(files)
         self.cfg = cfg
         self.seed = seed
-        self.epoch = 0
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.cache = _AudioCache(cache_mb * 2**20)
 
     def set_epoch(self, epoch: int) -> None:
-        """Selects the epoch whose random draws __getitem__ makes."""
-        self.epoch = epoch
+        """Selects the epoch whose random draws __getitem__ makes (non-negative int)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be non-negative, not {epoch}")
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
         audio, data = self.cfg.audio, self.cfg.data
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, int(self._epoch), index])
         path = self.files[index]
         y = _peak_normalise(self.cache.get(path), audio.peak, path)
         ratio = int(rng.choice(data.ratios))

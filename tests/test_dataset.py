@@ -305,6 +305,17 @@ def test_train_dataset_workers_match_single_process(cfg, clips):
         assert torch.equal(x0, x2) and torch.equal(y0, y2)
     ys = [y for _, y in batches[1]]
     assert all(not torch.equal(ys[i], ys[j]) for i in range(4) for j in range(i))
+    # Persistent workers follow set_epoch and keep their cache between epochs.
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=1, num_workers=2, persistent_workers=True
+    )
+    for epoch in (2, 5):
+        ds.set_epoch(epoch)
+        got = list(loader)
+        ds.set_epoch(epoch)
+        expected = [ds[i] for i in range(4)]
+        for (x, y), (xe, ye) in zip(got, expected):
+            assert torch.equal(x[0], xe) and torch.equal(y[0], ye)
 
 
 def test_train_dataset_rejects_silent_clip(cfg, tmp_path):
