@@ -1,0 +1,110 @@
+"""Selective scan speed on CPU: impl "torch" vs "compiled" at the generator's real sizes.
+
+Run from the repo root: `python -m bench.bench_scan` (a few minutes, mostly the PyTorch loop).
+For one second of 48 kHz audio the generator's Mamba blocks see d_inner 64 @ 24,000 steps,
+128 @ 12,000, 256 @ 6,000, 512 @ 3,000 and (decoder's last stage) 32 @ 48,000; batch 1,
+float32. The error column is the largest norm-wise relative error ||a - b|| / ||b|| over the
+output and every gradient against `selective_scan_ref` in float64. Prints a Markdown table; no
+asserts.
+"""
+
+import argparse
+import datetime
+import platform
+import time
+
+import torch
+
+import ssm
+
+SIZES = [(32, 48_000), (64, 24_000), (128, 12_000), (256, 6_000), (512, 3_000)]
+NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+
+
+def make_inputs(d_inner, length, seed=0):
+    """Float64 inputs shaped like a freshly initialised Mamba block's, all requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.exp(torch.empty(d_inner).uniform_(-6.9, -2.3, generator=g))
+    return [
+        torch.randn(1, d_inner, length, generator=g, dtype=torch.float64),
+        torch.randn(1, d_inner, length, generator=g, dtype=torch.float64) * 0.5,
+        -torch.arange(1, 17, dtype=torch.float64).repeat(d_inner, 1),
+        torch.randn(1, 16, length, generator=g, dtype=torch.float64),
+        torch.randn(1, 16, length, generator=g, dtype=torch.float64),
+        torch.ones(d_inner, dtype=torch.float64),
+        torch.randn(1, d_inner, length, generator=g, dtype=torch.float64),
+        (dt + torch.log(-torch.expm1(-dt))).double(),
+    ]
+
+
+def run(inputs, impl, backward):
+    """Output and (if backward) the gradients of every input for a fixed output gradient."""
+    xs = [x.detach().requires_grad_(backward) for x in inputs]
+    y = ssm.selective_scan(*xs[:7], delta_bias=xs[7], delta_softplus=True, impl=impl)
+    if not backward:
+        return [y]
+    gy = torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype).expand_as(y)
+    return [y, *torch.autograd.grad(y, xs, gy)]
+
+
+def best_ms(fn, repeats):
+    fn()  # warm-up (and, the first time, the kernel build)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    # the best run: the machine is shared, the minimum is the least disturbed
+    return min(times) * 1e3
+
+
+def max_rel_err(results, reference):
+    return max(
+        ((a.double() - b).norm() / b.norm()).item() for a, b in zip(results, reference)
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell")
+    parser.add_argument(
+        "--no_error", action="store_true", help="skip the float64 reference"
+    )
+    a = parser.parse_args()
+    print(
+        f"device: cpu ({platform.processor() or platform.machine()}), torch {torch.__version__}"
+    )
+    print(
+        f"date: {datetime.datetime.now():%Y-%m-%d %H:%M}, threads: {torch.get_num_threads()}"
+    )
+    print()
+    print(
+        "| impl | d_inner | L | ms fwd | ms fwd+bwd | speed-up fwd | speed-up fwd+bwd |"
+        " max rel err vs ref |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for i, (d_inner, length) in enumerate(SIZES):
+        inputs64 = make_inputs(d_inner, length)
+        inputs = [x.float() for x in inputs64]
+        reference = None if a.no_error else run(inputs64, "ref", backward=True)
+        impls = ["torch", "compiled"] + (["ref"] if i == len(SIZES) - 1 else [])
+        times = {}
+        for impl in impls:
+            repeats = 1 if impl != "compiled" else a.repeats
+            fwd = best_ms(lambda: run(inputs, impl, backward=False), repeats)
+            both = best_ms(lambda: run(inputs, impl, backward=True), repeats)
+            times[impl] = (fwd, both)
+            err = (
+                "-"
+                if reference is None
+                else f"{max_rel_err(run(inputs, impl, True), reference):.1e}"
+            )
+            print(
+                f"| {impl} | {d_inner} | {length:,} | {fwd:.1f} | {both:.1f} |"
+                f" {times['torch'][0] / fwd:.1f}x | {times['torch'][1] / both:.1f}x | {err} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
