@@ -303,9 +303,11 @@ class TrainDataset(torch.utils.data.Dataset):
     Every random draw of item `index` comes from a generator seeded with (seed, epoch, index),
     so batches are reproducible, a resumed run sees the same data, and DataLoader workers
     never share numbers. Call `set_epoch(epoch)` before iterating over each epoch; the epoch
-    lives in shared memory, so persistent DataLoader workers see it too. Use
-    `persistent_workers=True`: each worker keeps its own cache of decoded audio, which
-    non-persistent workers would lose at every epoch.
+    lives in shared memory, so persistent DataLoader workers see it too.
+
+    Decoded 48 kHz audio is cached per process up to cache_mb. Non-persistent workers lose
+    their cache at the end of each epoch; call `preload()` once in the main process so that
+    workers forked afterwards share its cache instead.
 
     Args:
         files: audio paths (any rate, any channel count).
@@ -333,6 +335,13 @@ class TrainDataset(torch.utils.data.Dataset):
         if epoch < 0:
             raise ValueError(f"epoch must be non-negative, not {epoch}")
         self._epoch.fill_(epoch)
+
+    def preload(self) -> None:
+        """Decodes the files into this process's cache, until its budget is full."""
+        for path in self.files:
+            if self.cache.used >= self.cache.max_bytes:
+                break
+            self.cache.get(path)
 
     def __len__(self) -> int:
         return len(self.files)

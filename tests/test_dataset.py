@@ -318,6 +318,20 @@ def test_train_dataset_workers_match_single_process(cfg, clips):
             assert torch.equal(x[0], xe) and torch.equal(y[0], ye)
 
 
+def test_train_dataset_preload_is_shared_with_workers(cfg, clips):
+    ds = TrainDataset(clips, cfg, seed=4)
+    expected = [ds[i] for i in range(4)]
+    ds = TrainDataset(clips, cfg, seed=4)
+    ds.preload()
+    assert ds.cache.used > 0
+    for path in clips:
+        os.remove(path)
+    # Forked workers can only have read the audio from the preloaded cache.
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2)
+    for (x, y), (xe, ye) in zip(loader, expected):
+        assert torch.equal(x[0], xe) and torch.equal(y[0], ye)
+
+
 def test_train_dataset_rejects_silent_clip(cfg, tmp_path):
     silent = tmp_path / "silent.wav"
     sf.write(silent, np.zeros(4800), 48000)
