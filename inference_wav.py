@@ -137,7 +137,7 @@ def restore_lowband(
 
 
 def resolve_device(device: str) -> torch.device:
-    """ "auto" -> cuda when available, else cpu; ValueError if cuda is asked for but absent."""
+    """Maps "auto" to cuda when available, else cpu; ValueError if cuda is absent."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
@@ -284,7 +284,8 @@ class SuperResolver:
         cfg = _load_model_config(cfgs_path, config, path)
         generator = WaveUMamba(**dataclasses.asdict(cfg.model), scan_impl=scan_impl)
         # A checkpoint saved after remove_weight_norm has plain weights: match it.
-        if not any(k.endswith((".original0", ".weight_g")) for k in state):
+        weight_normed = any(".parametrizations.weight." in k for k in state)
+        if not weight_normed:
             generator.remove_weight_norm()
         expected = generator.state_dict()
         missing = sorted(expected.keys() - state.keys())
@@ -301,7 +302,7 @@ class SuperResolver:
                 f"{len(reshaped)} of another shape {sorted(reshaped)[:2]}"
             )
         generator.load_state_dict(state)
-        if any(k.endswith((".original0", ".weight_g")) for k in state):
+        if weight_normed:
             generator.remove_weight_norm()
         generator.requires_grad_(False).eval().to(device)
         return cls(generator, cfg, device, chunk_seconds, overlap_seconds)
@@ -328,6 +329,9 @@ class SuperResolver:
             (audio_48k, 48000): float32 numpy array in the layout of `audio`, of duration
             round(T * 48000 / sr) samples. Levels are restored, so samples may exceed 1.
         """
+        # Deviation: upstream mixes to mono with librosa.load(sr=48000), trims the tail to a
+        # multiple of 128 samples and feeds the raw level; we keep every channel and every
+        # sample, and normalise each channel as training does (SPEC section 4).
         x = self._validate(audio, sr)
         if keep_lowband:
             if input_sr is None or input_sr == "auto":
@@ -417,8 +421,9 @@ def output_paths(
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """Expands files, folders and globs into (input, output) pairs.
 
-    A folder contributes its audio files recursively and keeps their sub-folders under
-    output_dir; a file or glob match is written to output_dir directly.
+    A folder contributes its audio files recursively (skipping output_dir if it lies inside)
+    and keeps their sub-folders under output_dir; a file or glob match is written to
+    output_dir directly.
 
     Args:
         wav_paths: the --wav_path arguments.
@@ -429,14 +434,22 @@ def output_paths(
         or overwrite an input).
     """
     found, errors = [], []
+    out_real = os.path.realpath(output_dir)
     for arg in wav_paths:
         if os.path.isdir(arg):
-            files = sorted(
-                os.path.join(folder, name)
-                for folder, _, names in os.walk(arg)
-                for name in names
-                if name.lower().endswith(AUDIO_EXTENSIONS)
-            )
+            files = []
+            for folder, subfolders, names in os.walk(arg):
+                # an output folder inside the input folder holds earlier results, not inputs
+                subfolders[:] = sorted(
+                    d
+                    for d in subfolders
+                    if os.path.realpath(os.path.join(folder, d)) != out_real
+                )
+                files += [
+                    os.path.join(folder, name)
+                    for name in sorted(names)
+                    if name.lower().endswith(AUDIO_EXTENSIONS)
+                ]
             if not files:
                 errors.append(f"{arg}: no audio files in this folder")
             found += [(f, os.path.dirname(os.path.relpath(f, arg))) for f in files]
@@ -451,12 +464,15 @@ def output_paths(
             found += [(f, "") for f in files]
         else:
             errors.append(f"{arg}: no such file or folder")
-    # the same file named twice (a folder and a glob, say) is processed once
-    found = list({os.path.realpath(f): (f, sub) for f, sub in reversed(found)}.values())
-    found.reverse()
     inputs = {os.path.realpath(f) for f, _ in found}
-    pairs, claimed = [], {}
+    pairs, claimed, seen = [], {}, set()
     for path, subfolder in found:
+        # the same file named twice (a folder and a glob, say) is processed once
+        if os.path.realpath(path) in seen:
+            continue
+        seen.add(os.path.realpath(path))
+        # Deviation: upstream names the output after wav_path[-7:-3] (4 characters of the
+        # path); we use the whole file name.
         stem = os.path.splitext(os.path.basename(path))[0]
         out = os.path.join(output_dir, subfolder, stem + "_superresolved.wav")
         real = os.path.realpath(out)
@@ -492,6 +508,8 @@ def write_audio(path: str, audio: np.ndarray, fmt: str, name: str) -> None:
                 "(use --format float to keep the level)",
                 file=sys.stderr,
             )
+    # Deviation: upstream always writes float32; 16-bit PCM is what players and most tools
+    # expect, and --format float keeps upstream's behaviour.
     subtype = "PCM_16" if fmt == "pcm16" else "FLOAT"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with utils.atomic_path(path) as tmp:
@@ -508,6 +526,7 @@ def one_line(error: Exception) -> str:
 
 
 def main(argv=None) -> int:
+    """The command line; returns the exit code (1 if anything failed)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--wav_path",
@@ -552,6 +571,8 @@ def main(argv=None) -> int:
         parser.error(
             f"--input_sr must be auto or a positive integer, not {a.input_sr!r}"
         )
+    if a.chunk_seconds < 0:
+        parser.error(f"--chunk_seconds must be >= 0, not {a.chunk_seconds}")
     input_sr = None if a.input_sr == "auto" else int(a.input_sr)
 
     try:
@@ -582,7 +603,7 @@ def main(argv=None) -> int:
     for path, out in tqdm(pairs, unit="file", disable=None):
         try:
             audio, sr = dataset.load_audio(path)
-            y, rate = resolver.upsample(audio, sr, input_sr, a.keep_lowband)
+            y, _ = resolver.upsample(audio, sr, input_sr, a.keep_lowband)
             write_audio(out, y, a.format, path)
         except FILE_ERRORS as e:
             message = one_line(e) if path in str(e) else f"{path}: {one_line(e)}"

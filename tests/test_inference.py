@@ -185,6 +185,19 @@ def test_cli_no_pretrained_model(tmp_path, monkeypatch, capsys):
     assert "no pretrained model" in err and "--checkpoint_file" in err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_cuda_unavailable(tmp_path, ckpt, capsys):
+    sf.write(tmp_path / "a.wav", noise(0.05), 48000)
+    code = inference_wav.main(
+        ["--wav_path", str(tmp_path / "a.wav"), "--checkpoint_file", ckpt]
+        + ["--output_dir", str(tmp_path / "out"), "--device", "cuda"]
+    )
+    err = capsys.readouterr().err
+    assert (
+        code == 1 and err == "error: device cuda requested but CUDA is not available\n"
+    )
+
+
 def test_cli_unwritable_output_folder(tmp_path, ckpt, capsys):
     sf.write(tmp_path / "a.wav", noise(0.05), 48000)
     (tmp_path / "file").write_text("")
@@ -210,6 +223,32 @@ def test_cli_never_overwrites_an_input(tmp_path, ckpt, capsys):
     assert any("a.wav" in line and "overwrite an input" in line for line in err)
     assert os.path.exists(tmp_path / "a_superresolved_superresolved.wav")
     assert all(sha(p) == h for p, h in before.items())
+
+
+def test_output_paths_mirror_dedupe_and_collide(tmp_path):
+    for name in (
+        "a.wav",
+        "a.flac",
+        "sub/b.ogg",
+        "out/a_superresolved.wav",
+        "notes.txt",
+    ):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    out = str(tmp_path / "out")
+    pairs, errors = inference_wav.output_paths(
+        [str(tmp_path), str(tmp_path / "*.wav"), str(tmp_path / "nothing*")], out
+    )
+    assert pairs == [
+        (str(tmp_path / "a.flac"), os.path.join(out, "a_superresolved.wav")),
+        (
+            str(tmp_path / "sub" / "b.ogg"),
+            os.path.join(out, "sub", "b_superresolved.wav"),
+        ),
+    ]
+    assert len(errors) == 2
+    assert "nothing*" in errors[0] and "no files match" in errors[0]
+    assert "a.wav" in errors[1] and "also the output of" in errors[1]
 
 
 # --- the Python API ----------------------------------------------------------------------------
