@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import MultiPeriodDiscriminator, MultiScaleDiscriminator, WaveUMamba
+from models import (
+    ChannelLayerNorm,
+    MultiPeriodDiscriminator,
+    MultiScaleDiscriminator,
+    WaveUMamba,
+)
 from utils import load_config
 
 CFG_PATH = Path(__file__).resolve().parent.parent / "cfgs.json"
@@ -61,6 +66,19 @@ def test_defaults_equal_config():
         if name != "scan_impl"
     }
     assert defaults == dataclasses.asdict(load_config(str(CFG_PATH)).model)
+
+
+def test_channel_layer_norm_matches_layer_norm():
+    torch.manual_seed(0)
+    norm = ChannelLayerNorm(6).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(3, 6, 20, dtype=torch.float64) * 3 + 1
+    expected = torch.nn.functional.layer_norm(
+        x.transpose(1, 2), (6,), norm.weight, norm.bias, norm.eps
+    ).transpose(1, 2)
+    torch.testing.assert_close(norm(x), expected)
 
 
 @pytest.mark.parametrize("length", [16, 48, 160])

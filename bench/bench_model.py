@@ -1,0 +1,391 @@
+"""Generator speed on CPU: real-time factor, peak memory, the float32 floor, training step time.
+
+Run from the repo root: `python -m bench.bench_model` (several minutes; see --help). Each case
+runs in a fresh subprocess so its peak resident memory (ru_maxrss) is its own. Prints Markdown
+tables; no asserts.
+"""
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+SAMPLING_RATE = 48000
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def matmul_gflops(n: int = 1024, runs: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        torch.mm(a, b)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    # the best run: the floor is what the machine can do, not what the other jobs leave
+    return 2 * n**3 / min(times) / 1e9
+
+
+def generator_gflop_per_second_of_audio(seconds: float = 0.2) -> tuple[float, float]:
+    """FLOPs of one forward per second of audio: (matmuls + convs counted, scan estimated).
+
+    The scan is estimated at 7 FLOPs per channel, state and step (dt*A, exp, dt*B*u,
+    h = dA*h + dBu, and C.h), since FlopCounterMode sees only matmuls and convs.
+    """
+    import ssm
+    from models import WaveUMamba
+
+    g = WaveUMamba(scan_impl="ref").eval()
+    g.remove_weight_norm()
+    x = torch.randn(1, 1, int(seconds * SAMPLING_RATE) // 16 * 16) * 0.1
+    scan_flops = [0]
+    for m in g.modules():
+        if isinstance(m, ssm.Mamba):
+            m.register_forward_hook(
+                lambda m, a, out: scan_flops.__setitem__(
+                    0, scan_flops[0] + 7 * m.d_inner * m.d_state * out.shape[:2].numel()
+                )
+            )
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        g(x)
+    audio_seconds = x.shape[-1] / SAMPLING_RATE
+    return (
+        counter.get_total_flops() / audio_seconds / 1e9,
+        scan_flops[0] / audio_seconds / 1e9,
+    )
+
+
+def worker_rtf(args) -> dict:
+    from models import WaveUMamba
+
+    torch.manual_seed(0)
+    g = WaveUMamba(scan_impl=args.impl).eval()
+    g.remove_weight_norm()
+    x = torch.randn(1, 1, int(args.seconds * SAMPLING_RATE) // 16 * 16) * 0.1
+    times = []
+    with torch.inference_mode():
+        for _ in range(args.warmup + args.runs):
+            t0 = time.perf_counter()
+            g(x)
+            times.append(time.perf_counter() - t0)
+    times = times[args.warmup :]
+    return {
+        "rtf": statistics.median(times) / (x.shape[-1] / SAMPLING_RATE),
+        "times": times,
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def worker_profile(args) -> dict:
+    """Wall time per block type in one forward, from module hooks and a timed scan."""
+    import ssm
+    from models import ChannelLayerNorm, WaveUMamba
+
+    torch.manual_seed(0)
+    g = WaveUMamba(scan_impl=args.impl).eval()
+    g.remove_weight_norm()
+    x = torch.randn(1, 1, int(args.seconds * SAMPLING_RATE) // 16 * 16) * 0.1
+    totals = {"scan": 0.0, "mamba": 0.0, "mamba conv1d": 0.0, "mamba linears": 0.0}
+    totals.update({"layernorm": 0.0, "convs (U-Net)": 0.0})
+    scan = ssm.selective_scan
+
+    def timed_scan(*a, **k):
+        t0 = time.perf_counter()
+        out = scan(*a, **k)
+        totals["scan"] += time.perf_counter() - t0
+        return out
+
+    def category(name, module):
+        if isinstance(module, ssm.Mamba):
+            return "mamba"
+        if name.endswith("mamba.conv1d"):
+            return "mamba conv1d"
+        if ".mamba." in name and isinstance(module, torch.nn.Linear):
+            return "mamba linears"
+        if isinstance(module, (torch.nn.LayerNorm, ChannelLayerNorm)):
+            return "layernorm"
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
+            return "convs (U-Net)"
+        return None
+
+    starts = {}
+    for name, module in g.named_modules():
+        cat = category(name, module)
+        if cat is None:
+            continue
+        module.register_forward_pre_hook(
+            lambda m, a, name=name: starts.__setitem__(name, time.perf_counter())
+        )
+        module.register_forward_hook(
+            lambda m, a, out, name=name, cat=cat: totals.__setitem__(
+                cat, totals[cat] + time.perf_counter() - starts[name]
+            )
+        )
+    with torch.inference_mode():
+        g(x)  # warm-up
+        ssm.selective_scan = timed_scan
+        totals.update({k: 0.0 for k in totals})
+        t0 = time.perf_counter()
+        g(x)
+        total = time.perf_counter() - t0
+        ssm.selective_scan = scan
+    # in_proj runs as a bare matmul inside Mamba.forward, so it lands in "mamba other"
+    other_mamba = (
+        totals["mamba"]
+        - totals["scan"]
+        - totals["mamba conv1d"]
+        - totals["mamba linears"]
+    )
+    split = {
+        "selective scan": totals["scan"],
+        "Mamba in_proj + gating + transposes": other_mamba,
+        "Mamba x_proj/dt/out_proj (Linear modules)": totals["mamba linears"],
+        "Mamba depthwise conv1d": totals["mamba conv1d"],
+        "LayerNorm (channel + pre-norm)": totals["layernorm"],
+        "U-Net convs (conv units, ConvTranspose, ResBlocks, head)": totals[
+            "convs (U-Net)"
+        ],
+    }
+    split["everything else (activations, adds, pooling)"] = total - sum(split.values())
+    return {"total": total, "split": split}
+
+
+def worker_train(args) -> dict:
+    """One G + D training step at batch 4, 25,600 samples; train.py's if it exists."""
+    import models
+
+    torch.manual_seed(0)
+    y = torch.randn(args.batch, 1, args.segment) * 0.1
+    x = y.clone()
+    if importlib.util.find_spec("train") is not None:
+        source, step = train_py_step(args, x, y)
+    else:
+        source, step = plain_step(args, models, x, y)
+    times = []
+    for _ in range(args.warmup + args.runs):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    times = times[args.warmup :]
+    return {
+        "source": source,
+        "step_s": statistics.median(times),
+        "times": times,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def train_py_step(args, x, y):
+    import train
+    from utils import load_config
+
+    cfg = load_config("cfgs.json", [f"train.batch_size={args.batch}"])
+    run = train.build(cfg, scan_impl=args.impl)
+    return "train.py build + train_step", lambda: train.train_step(run, (x, y))
+
+
+def plain_step(args, models, x, y):
+    """G then D with LSGAN + MR-STFT + mel losses from losses.py (or LSGAN + L1 without it)."""
+    g = models.WaveUMamba(scan_impl=args.impl)
+    mpd, msd = models.MultiPeriodDiscriminator(), models.MultiScaleDiscriminator()
+    optim_g = torch.optim.AdamW(g.parameters(), 2e-4, betas=(0.6, 0.99))
+    optim_d = torch.optim.AdamW(
+        list(mpd.parameters()) + list(msd.parameters()), 2e-4, betas=(0.6, 0.99)
+    )
+    if importlib.util.find_spec("losses") is not None:
+        import losses
+        from utils import load_config
+
+        cfg = load_config("cfgs.json")
+        mel = losses.MelLoss(cfg.loss, SAMPLING_RATE)
+        mrstft = losses.MRSTFTLoss(cfg.loss, SAMPLING_RATE)
+        g_adv, d_adv = losses.generator_adv_loss, losses.discriminator_adv_loss
+        source = "plain G+D step, LSGAN + MR-STFT + mel from losses.py"
+    else:
+        mel = mrstft = lambda a, b: (a - b).abs().mean()
+        g_adv = lambda d_fake: sum(((1 - d) ** 2).mean() for d in d_fake)
+        d_adv = lambda d_real, d_fake: sum(
+            ((1 - r) ** 2).mean() + (f**2).mean() for r, f in zip(d_real, d_fake)
+        )
+        source = "plain G+D step, LSGAN + L1 (no losses.py)"
+
+    def step():
+        y_hat = g(x)
+        optim_g.zero_grad()
+        loss_g = 45 * mel(y_hat, y) + 10 * mrstft(y_hat, y)
+        for d in (mpd, msd):
+            loss_g = loss_g + g_adv(d(y, y_hat)[1])
+        loss_g.backward()
+        optim_g.step()
+        optim_d.zero_grad()
+        loss_d = 0
+        for d in (mpd, msd):
+            d_real, d_fake, _, _ = d(y, y_hat.detach())
+            loss_d = loss_d + d_adv(d_real, d_fake)
+        loss_d.backward()
+        optim_d.step()
+
+    return source, step
+
+
+def run_worker(mode: str, impl: str, args, extra=()) -> dict:
+    cmd = [sys.executable, "-m", "bench.bench_model", "--worker", mode, "--impl", impl]
+    cmd += ["--seconds", str(args.seconds), "--runs", str(args.runs)]
+    cmd += ["--warmup", str(args.warmup), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
+        return {"error": tail[0]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--impls", nargs="+", default=["torch", "compiled"])
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="torch threads per case"
+    )
+    parser.add_argument("--train-threads", type=int, default=0, help="0: torch default")
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="audio length (RTF)"
+    )
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--train-impl", default="compiled", help="scan impl for training"
+    )
+    parser.add_argument("--train-runs", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--segment", type=int, default=25600)
+    parser.add_argument("--profile-seconds", type=float, default=2.0)
+    parser.add_argument("--no-train", action="store_true")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument(
+        "--worker", choices=["rtf", "profile", "train"], help=argparse.SUPPRESS
+    )
+    parser.add_argument("--impl", default="torch", help=argparse.SUPPRESS)
+    parser.add_argument("--num-threads", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    default_threads = torch.get_num_threads()
+    if args.worker:
+        if args.num_threads:
+            torch.set_num_threads(args.num_threads)
+        fn = {"rtf": worker_rtf, "profile": worker_profile, "train": worker_train}
+        print(json.dumps(fn[args.worker](args)))
+        return
+
+    dense, scan = generator_gflop_per_second_of_audio()
+    work = dense + scan
+    gflops = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        gflops[threads] = matmul_gflops()
+    torch.set_num_threads(default_threads)
+    print(
+        f"## Wave-U-Mamba generator on CPU ({args.seconds:g} s of 48 kHz audio, float32)\n"
+    )
+    print("| device | torch | threads (default) | date |")
+    print("|---|---|---|---|")
+    print(
+        f"| {cpu_name()} ({os.cpu_count()} cores) | {torch.__version__} "
+        f"| {default_threads} | {datetime.datetime.now():%Y-%m-%d %H:%M} |\n"
+    )
+    floors = ", ".join(
+        f"{t} thread(s) {g:.1f} GFLOP/s -> RTF {work / g:.3f}"
+        for t, g in gflops.items()
+    )
+    print(
+        f"Generator work per second of audio: {dense:.1f} GFLOP in convs and matmuls "
+        f"(counted) + {scan:.1f} GFLOP in the scan (estimated) = {work:.1f} GFLOP. "
+        f"Float32 floor = work / measured matmul rate (1024^3 torch.mm, best of 20): "
+        f"{floors}.\n"
+    )
+    print(
+        "| scan impl | threads | RTF (median) | runs (s) | RTF / floor | peak RSS (MB) |"
+    )
+    print("|---|---|---|---|---|---|")
+    ok = []
+    for impl in args.impls:
+        for threads in args.threads:
+            r = run_worker("rtf", impl, args, ["--num-threads", str(threads)])
+            if "error" in r:
+                print(f"| {impl} | {threads} | failed: {r['error']} | | | |")
+                continue
+            ok.append((impl, threads))
+            runs = ", ".join(f"{t:.1f}" for t in r["times"])
+            print(
+                f"| {impl} | {threads} | {r['rtf']:.3f} | {runs} | {r['rtf'] * gflops[threads] / work:.1f} "
+                f"| {r['peak_rss_mb']:.0f} |"
+            )
+            sys.stdout.flush()
+
+    if not args.no_profile:
+        for impl in dict.fromkeys(impl for impl, _ in ok):
+            threads = min(t for i, t in ok if i == impl)
+            prof_args = argparse.Namespace(
+                **{**vars(args), "seconds": args.profile_seconds}
+            )
+            r = run_worker("profile", impl, prof_args, ["--num-threads", str(threads)])
+            if "error" in r:
+                print(f"\nprofile {impl} failed: {r['error']}")
+                continue
+            print(
+                f"\nTime split, scan impl {impl}, {threads} thread(s), one forward of "
+                f"{args.profile_seconds:g} s ({r['total']:.2f} s):\n"
+            )
+            print("| block type | s | share |")
+            print("|---|---|---|")
+            for name, t in r["split"].items():
+                print(f"| {name} | {t:.3f} | {100 * t / r['total']:.0f} % |")
+            sys.stdout.flush()
+
+    if not args.no_train:
+        extra = ["--batch", str(args.batch), "--segment", str(args.segment)]
+        extra += ["--num-threads", str(args.train_threads)]
+        train_args = argparse.Namespace(**{**vars(args), "runs": args.train_runs})
+        r = run_worker("train", args.train_impl, train_args, extra)
+        print(
+            f"\nTraining step (G + MPD + MSD, forward + backward + AdamW, batch {args.batch}, "
+            f"{args.segment} samples, scan impl {args.train_impl}, "
+            f"{args.train_threads or torch.get_num_threads()} thread(s)):\n"
+        )
+        print("| source | step (s, median) | runs (s) | peak RSS (MB) |")
+        print("|---|---|---|---|")
+        if "error" in r:
+            print(f"| failed: {r['error']} | | | |")
+        else:
+            runs = ", ".join(f"{t:.1f}" for t in r["times"])
+            print(
+                f"| {r['source']} | {r['step_s']:.2f} | {runs} | {r['peak_rss_mb']:.0f} |"
+            )
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+if __name__ == "__main__":
+    main()
