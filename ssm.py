@@ -22,6 +22,7 @@ on this machine (forward, float32, d_inner 512, L 3,000, one thread): numba 80 m
 """
 
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -267,6 +268,68 @@ void backward(const Scan<T>& s, int64_t G, const double* hs, const T* gout, T* g
   });
 }
 
+// Causal depthwise conv (kernel K, left zero padding K-1) followed by SiLU, one task per row
+// of [b, d, L]; the backward recomputes the pre-activation instead of storing it.
+inline double sigmoid(double x) { return 1.0 / (1.0 + exp_simd(-x)); }
+
+template <typename T>
+void conv_silu_forward(const T* x, const T* w, const T* bias, int64_t nb, int64_t nd,
+                       int64_t L, int64_t K, T* out, int n_threads) {
+  parallel_for(nb * nd, n_threads, [&](int64_t bd) {
+    const int64_t d = bd % nd;
+    std::vector<double> xp(L + K - 1, 0.0);
+    for (int64_t t = 0; t < L; ++t) xp[K - 1 + t] = x[bd * L + t];
+    T* __restrict o = out + bd * L;
+    const double* __restrict xq = xp.data();
+#pragma omp simd
+    for (int64_t t = 0; t < L; ++t) {
+      double pre = bias[d];
+      for (int64_t k = 0; k < K; ++k) pre += w[d * K + k] * xq[t + k];
+      o[t] = static_cast<T>(pre * sigmoid(pre));
+    }
+  });
+}
+
+template <typename T>
+void conv_silu_backward(const T* x, const T* w, const T* bias, const T* gout, int64_t nb,
+                        int64_t nd, int64_t L, int64_t K, T* gx, double* gw, double* gb,
+                        int n_threads) {
+  parallel_for(nb * nd, n_threads, [&](int64_t bd) {
+    const int64_t d = bd % nd;
+    // xp: the row with K-1 zeros in front; gp: d out / d pre-activation with K-1 zeros behind
+    std::vector<double> xbuf(L + K - 1, 0.0), gbuf(L + K - 1, 0.0);
+    double* __restrict xp = xbuf.data();
+    double* __restrict gp = gbuf.data();
+    for (int64_t t = 0; t < L; ++t) xp[K - 1 + t] = x[bd * L + t];
+    const T* __restrict go = gout + bd * L;
+#pragma omp simd
+    for (int64_t t = 0; t < L; ++t) {
+      double pre = bias[d];
+      for (int64_t k = 0; k < K; ++k) pre += w[d * K + k] * xp[t + k];
+      const double s = sigmoid(pre);
+      gp[t] = go[t] * s * (1.0 + pre * (1.0 - s));
+    }
+    double gbias = 0.0;
+#pragma omp simd reduction(+ : gbias)
+    for (int64_t t = 0; t < L; ++t) gbias += gp[t];
+    gb[bd] = gbias;
+    for (int64_t k = 0; k < K; ++k) {
+      double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t t = 0; t < L; ++t) acc += gp[t] * xp[t + k];
+      gw[bd * K + k] = acc;
+    }
+    T* __restrict g = gx + bd * L;
+    // x[s] feeds outputs s .. s+K-1 through taps K-1 .. 0
+#pragma omp simd
+    for (int64_t t = 0; t < L; ++t) {
+      double acc = 0.0;
+      for (int64_t k = 0; k < K; ++k) acc += w[d * K + k] * gp[t + K - 1 - k];
+      g[t] = static_cast<T>(acc);
+    }
+  });
+}
+
 }  // namespace
 
 #define SCAN_API(T, SUFFIX)                                                                     \
@@ -285,8 +348,21 @@ void backward(const Scan<T>& s, int64_t G, const double* hs, const T* gout, T* g
              gC, n_threads);                                                                   \
   }
 
+#define CONV_API(T, SUFFIX)                                                                     \
+  extern "C" void conv_fwd_##SUFFIX(const T* x, const T* w, const T* bias, int64_t nb,         \
+                                     int64_t nd, int64_t L, int64_t K, T* out, int n_threads) { \
+    conv_silu_forward(x, w, bias, nb, nd, L, K, out, n_threads);                               \
+  }                                                                                            \
+  extern "C" void conv_bwd_##SUFFIX(const T* x, const T* w, const T* bias, const T* gout,      \
+                                     int64_t nb, int64_t nd, int64_t L, int64_t K, T* gx,      \
+                                     double* gw, double* gb, int n_threads) {                  \
+    conv_silu_backward(x, w, bias, gout, nb, nd, L, K, gx, gw, gb, n_threads);                 \
+  }
+
 SCAN_API(float, f32)
 SCAN_API(double, f64)
+CONV_API(float, f32)
+CONV_API(double, f64)
 """
 
 # Steps between stored states: the backward recomputes each chunk from its first state, so the
@@ -338,6 +414,10 @@ def _load_kernel():
         getattr(lib, f"scan_fwd_{suffix}").argtypes = [p] * 6 + [i64] * 5 + [p, p, i32]
         getattr(lib, f"scan_bwd_{suffix}").argtypes = (
             [p] * 6 + [i64] * 6 + [p] * 8 + [i32]
+        )
+        getattr(lib, f"conv_fwd_{suffix}").argtypes = [p] * 3 + [i64] * 4 + [p, i32]
+        getattr(lib, f"conv_bwd_{suffix}").argtypes = (
+            [p] * 4 + [i64] * 4 + [p] * 3 + [i32]
         )
     _kernel = lib
     return lib
@@ -441,16 +521,80 @@ def _selective_scan_compiled(
     return y
 
 
-def _cuda_kernels_error(x):
-    # None when mamba_ssm's scan and causal_conv1d can run on x, else the reason they cannot
-    if not x.is_cuda:
-        return f"tensors are on {x.device}, not a GPU"
+class _CompiledConvSiLU(torch.autograd.Function):
+    # silu(causal depthwise conv1d(x)) on contiguous CPU tensors of one dtype;
+    # x: [B, D, L]; weight: [D, K]; bias: [D]. Same result as nn.Conv1d(D, D, K, groups=D,
+    # padding=K-1) cut to the first L outputs, then SiLU.
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        lib = _load_kernel()
+        suffix = "f32" if x.dtype == torch.float32 else "f64"
+        out = torch.empty_like(x)
+        getattr(lib, f"conv_fwd_{suffix}")(
+            _ptr(x),
+            _ptr(weight),
+            _ptr(bias),
+            *x.shape,
+            weight.shape[1],
+            _ptr(out),
+            torch.get_num_threads(),
+        )
+        ctx.save_for_backward(x, weight, bias)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gout):
+        x, weight, bias = ctx.saved_tensors
+        lib = _load_kernel()
+        suffix = "f32" if x.dtype == torch.float32 else "f64"
+        gout = gout.contiguous()
+        gx = torch.empty_like(x)
+        gw = x.new_empty(x.shape[0], *weight.shape, dtype=torch.float64)
+        gb = x.new_empty(x.shape[:2], dtype=torch.float64)
+        getattr(lib, f"conv_bwd_{suffix}")(
+            _ptr(x),
+            _ptr(weight),
+            _ptr(bias),
+            _ptr(gout),
+            *x.shape,
+            weight.shape[1],
+            _ptr(gx),
+            _ptr(gw),
+            _ptr(gb),
+            torch.get_num_threads(),
+        )
+        return gx, gw.sum(0).to(x.dtype), gb.sum(0).to(x.dtype)
+
+
+def _conv_silu_compiled(x, weight, bias):
+    # x: [B, D, L]; weight: [D, 1, K] (nn.Conv1d's); bias: [D] or None
+    if bias is None:
+        bias = x.new_zeros(x.shape[1])
+    return _CompiledConvSiLU.apply(
+        x.contiguous(),
+        weight.to(x.dtype).reshape(weight.shape[0], -1).contiguous(),
+        bias.to(x.dtype).contiguous(),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_import_error():
+    # a failed import is retried on every call, so remember the outcome
     try:
         import causal_conv1d  # noqa: F401
         import mamba_ssm.ops.selective_scan_interface  # noqa: F401
     except ImportError as e:
         return f"mamba_ssm or causal_conv1d does not import ({e})"
     return None
+
+
+def _cuda_kernels_error(x):
+    # None when mamba_ssm's scan and causal_conv1d can run on x, else the reason they cannot
+    if not x.is_cuda:
+        return f"tensors are on {x.device}, not a GPU"
+    return _cuda_import_error()
 
 
 def _selective_scan_cuda(
@@ -598,9 +742,10 @@ class Mamba(nn.Module):
     def forward(self, x):
         # x: [B, L, d_model]
         impl = _resolve_impl(self.impl, x)
-        length = x.shape[1]
-        # in_proj as W @ x^T gives [B, 2*d_inner, L] directly: the scan wants time innermost
-        xz = torch.matmul(self.in_proj.weight, x.transpose(1, 2))
+        # Projections are written as W @ [B, C, L] so that every tensor keeps time innermost,
+        # the scan's layout: no transposed copies, and contiguous gradients for the conv
+        # (oneDNN's depthwise conv backward is several times slower on strided gradients).
+        xz = torch.matmul(self.in_proj.weight, x.transpose(1, 2))  # [B, 2*d_inner, L]
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
         u, z = xz.chunk(2, dim=1)  # [B, d_inner, L] each
@@ -609,20 +754,29 @@ class Mamba(nn.Module):
 
             w = self.conv1d.weight.squeeze(1)
             u = causal_conv1d_fn(u, w, self.conv1d.bias, activation="silu")
+        elif impl == "compiled":
+            u = _conv_silu_compiled(u, self.conv1d.weight, self.conv1d.bias)
         else:
-            u = F.silu(self.conv1d(u)[..., :length])  # [B, d_inner, L]
-        x_dbl = self.x_proj(u.transpose(1, 2))  # [B, L, dt_rank + 2N]
-        dt, Bm, Cm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = torch.matmul(self.dt_proj.weight, dt.transpose(1, 2))  # [B, d_inner, L]
+            # left padding only, the same as conv1d's padding d_conv-1 cut to the first L
+            # outputs, without the cut's zero-filled gradient
+            u_pad = F.pad(u, (self.d_conv - 1, 0))
+            u = F.silu(
+                F.conv1d(
+                    u_pad, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner
+                )
+            )  # [B, d_inner, L]
+        x_dbl = torch.matmul(self.x_proj.weight, u)  # [B, dt_rank + 2N, L]
+        dt, Bm, Cm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = torch.matmul(self.dt_proj.weight, dt)  # [B, d_inner, L]
         y = selective_scan(
             u,
             delta,
-            -torch.exp(self.A_log.float()),
-            Bm.transpose(1, 2),
-            Cm.transpose(1, 2),
-            self.D.float(),
+            -torch.exp(self.A_log),
+            Bm,
+            Cm,
+            self.D,
             z=z,
-            delta_bias=self.dt_proj.bias.float(),
+            delta_bias=self.dt_proj.bias,
             delta_softplus=True,
             impl=impl,
         )  # [B, d_inner, L]

@@ -221,3 +221,32 @@ def test_mamba_compiled_matches_torch():
     assert rel_err(y, y_t) <= 1e-5
     for name, g, g_t in zip(["x", *dict(m.named_parameters())], grads, grads_t):
         assert rel_err(g, g_t) <= 1e-5, name
+
+
+def test_compiled_conv_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 9, generator=g, dtype=torch.float64)
+    weight = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    bias = torch.randn(3, generator=g, dtype=torch.float64)
+    args = [a.requires_grad_(True) for a in (x, weight, bias)]
+    assert torch.autograd.gradcheck(ssm._CompiledConvSiLU.apply, args)
+
+
+@pytest.mark.parametrize("length", [1, 5, 200])
+def test_mamba_impls_match_reference_float64(length):
+    torch.manual_seed(0)
+    m = ssm.Mamba(8, impl="ref").double()
+    with torch.no_grad():
+        m.dt_proj.bias.normal_(-2.0, 2.0)
+    x = torch.randn(2, length, 8, dtype=torch.float64, requires_grad=True)
+    y_ref = m(x)
+    g_ref = torch.autograd.grad(y_ref.square().sum(), [x, *m.parameters()])
+    for impl in ("torch", "compiled"):
+        m.impl = impl
+        y = m(x)
+        grads = torch.autograd.grad(y.square().sum(), [x, *m.parameters()])
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+        for name, g, g_r in zip(["x", *dict(m.named_parameters())], grads, g_ref):
+            torch.testing.assert_close(
+                g, g_r, rtol=1e-9, atol=1e-11, msg=f"{impl} {name}"
+            )
