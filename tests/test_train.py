@@ -1,0 +1,384 @@
+"""Tests for train.py: one step updates the models, the loss falls, a killed run resumes exactly,
+two DDP processes stay in sync, and start-up errors are one line with exit code 1.
+
+All on CPU with a tiny generator. Only test_train_step_updates_both_discriminators uses the real
+HiFi-GAN discriminators (70 M parameters, seconds per step on a shared CPU); the multi-step,
+subprocess and DDP tests swap in TinyDiscriminator, which has their call convention and their
+weight and spectral norms, so that they run in seconds.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+import train
+import utils
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
+# The shortest real training clips (0.7-1.4 s) and one 2.1 s validation clip.
+REAL_TRAIN = [
+    "train/nuwave_single_x2_sample2_p225.wav",
+    "train/nuwave_single_x2_sample4_p225.wav",
+    "train/nuwave_single_x3_sample2_p225.wav",
+    "train/nuwave_single_x3_sample3_p225.wav",
+]
+REAL_VALID = ["valid/p234_073_svgan.wav"]
+TINY = [
+    "model.channels=[4,8,8,8]",
+    "audio.segment_size=1600",
+    "train.batch_size=2",
+    "train.seed=7",
+    "data.num_workers=0",
+    "data.valid_ratios=[4]",
+    # 1600-sample crops: the paper's 8192-point STFT would be longer than the signal.
+    "loss.stft_fft_sizes=[256,512,1024]",
+    "loss.stft_hop_sizes=[64,128,256]",
+    "loss.stft_n_mels=32",
+    "loss.mel_n_fft=1024",
+    "loss.mel_win_size=1024",
+    "loss.mel_hop_size=256",
+]
+# Subprocesses import this file to swap in the small discriminators before calling main().
+LAUNCHER = (
+    "import sys, test_train, train\n"
+    "test_train.use_tiny_discriminators(train)\n"
+    "train.main(sys.argv[1:])\n"
+)
+
+
+class TinyDiscriminator(nn.Module):
+    """A two-layer stand-in for MultiPeriod/MultiScaleDiscriminator, same call convention."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            [
+                norm(nn.Conv1d(1, 8, 15, 4, padding=7)),
+                norm(nn.Conv1d(8, 8, 15, 4, padding=7)),
+            ]
+        )
+        self.conv_post = norm(nn.Conv1d(8, 1, 3, padding=1))
+
+    def _score(self, x):
+        fmap = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.1)
+            fmap.append(x)
+        x = self.conv_post(x)
+        fmap.append(x)
+        return [x.flatten(1)], [fmap]
+
+    def forward(self, y, y_hat):
+        d_real, fmap_real = self._score(y)
+        d_fake, fmap_fake = self._score(y_hat)
+        return d_real, d_fake, fmap_real, fmap_fake
+
+
+def use_tiny_discriminators(module) -> None:
+    module.MultiPeriodDiscriminator = lambda: TinyDiscriminator(weight_norm)
+    module.MultiScaleDiscriminator = lambda: TinyDiscriminator(spectral_norm)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Several test processes share two cores; more threads only contend.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_discriminators(monkeypatch):
+    monkeypatch.setattr(
+        train, "MultiPeriodDiscriminator", lambda: TinyDiscriminator(weight_norm)
+    )
+    monkeypatch.setattr(
+        train, "MultiScaleDiscriminator", lambda: TinyDiscriminator(spectral_norm)
+    )
+
+
+@pytest.fixture
+def data(tmp_path) -> list[str]:
+    """Overrides pointing at four training clips and one validation clip.
+
+    Real clips from ../shared/data when it exists, else synthetic harmonic tones with noise.
+    """
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    if all(
+        os.path.isfile(os.path.join(SHARED_DATA, f)) for f in REAL_TRAIN + REAL_VALID
+    ):
+        root = os.path.abspath(SHARED_DATA)
+        train_files, valid_files = REAL_TRAIN, REAL_VALID
+    else:
+        root = str(tmp_path / "data")
+        rng = np.random.default_rng(0)
+        train_files = [f"train/{i}.wav" for i in range(4)]
+        valid_files = ["valid/0.wav"]
+        for i, name in enumerate(train_files + valid_files):
+            t = np.arange(48000) / 48000
+            y = sum(np.sin(2 * np.pi * 150 * (i + 1) * k * t) / k for k in range(1, 60))
+            y = 0.1 * y + 0.01 * rng.standard_normal(len(t))
+            os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+            sf.write(os.path.join(root, name), y.astype(np.float32), 48000)
+    (lists / "train.txt").write_text("\n".join(train_files) + "\n")
+    (lists / "valid.txt").write_text("\n".join(valid_files) + "\n")
+    return [
+        f"data.root={root}",
+        f"data.train_files={lists / 'train.txt'}",
+        f"data.valid_files={lists / 'valid.txt'}",
+    ]
+
+
+def _state(module: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _params_changed(before: dict, module: nn.Module) -> list[bool]:
+    return [not torch.equal(before[k], p) for k, p in module.named_parameters()]
+
+
+def _batch(run):
+    return next(iter(train.epoch_loader(run)))
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = utils.load_config("cfgs.json").train
+    factors = [train.lr_factor(e, cfg) for e in range(8)]
+    np.testing.assert_allclose(
+        factors, [0.2, 0.36, 0.52, 0.68, 0.84, 1.0, 0.999, 0.999**2]
+    )
+
+
+def test_train_step_updates_both_discriminators(data):
+    cfg = utils.load_config("cfgs.json", TINY + data)
+    run = train.build(cfg)
+    before = {name: _state(getattr(run, name)) for name in ("generator", "mpd", "msd")}
+    logs = train.train_step(run, _batch(run))
+    assert run.step == 1
+    for name in ("generator", "mpd", "msd"):
+        assert all(_params_changed(before[name], getattr(run, name))), name
+    expected = {"mel", "mrstft", "g_adv", "loss_g", "loss_d", "grad_norm_g"}
+    assert expected <= logs.keys() and all(np.isfinite(list(logs.values())))
+    assert "fm" not in logs  # loss.lambda_fm is 0 in cfgs.json
+
+
+def test_generator_warmup_leaves_discriminators_alone_and_lowers_the_loss(
+    data, tiny_discriminators
+):
+    overrides = [
+        "train.generator_warmup_steps=5",
+        "train.learning_rate=0.0001",
+        "train.warmup_start_factor=1.0",
+        "loss.lambda_fm=2.0",
+    ]
+    cfg = utils.load_config("cfgs.json", TINY + data + overrides)
+    run = train.build(cfg)
+    batch = _batch(run)
+    mpd_before = _state(run.mpd)
+    recon = []
+    for _ in range(5):
+        logs = train.train_step(run, batch)
+        assert "g_adv" not in logs and "loss_d" not in logs
+        recon.append(45 * logs["mel"] + 10 * logs["mrstft"])
+    assert not any(_params_changed(mpd_before, run.mpd))
+    assert recon[-1] < recon[0]
+    logs = train.train_step(run, batch)  # step 6: the GAN starts, with feature matching
+    assert {"g_adv", "fm", "loss_d"} <= logs.keys()
+    assert all(_params_changed(mpd_before, run.mpd))
+
+
+def test_epochs_reshuffle_and_redraw(data, tiny_discriminators):
+    cfg = utils.load_config("cfgs.json", TINY + data)
+    run = train.build(cfg)
+    first = _batch(run)
+    assert all(torch.equal(a, b) for a, b in zip(first, _batch(run)))
+    run.epoch = 1
+    assert not torch.equal(first[1], _batch(run)[1])
+
+
+def _run_train(args, env_extra=None, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests")])
+    return subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_killed_run_resumes_exactly(data, tmp_path):
+    # 4 clips / batch 2 = 2 steps per epoch, 3 epochs: the kill lands after the mid-epoch
+    # checkpoint at step 3, once the GAN has started (step 3) and the LR has changed.
+    overrides = (
+        TINY
+        + data
+        + [
+            "train.epochs=3",
+            "train.warmup_epochs=2",
+            "train.generator_warmup_steps=2",
+            "train.checkpoint_interval=3",
+            "train.validation_interval=3",
+            "train.keep_checkpoints=2",
+            "train.stdout_interval=1",
+            "train.summary_interval=1",
+        ]
+    )
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    config = ["--config", "cfgs.json"]
+    uninterrupted = _run_train(config + ["--checkpoint_path", str(whole)] + overrides)
+    killed = _run_train(config + ["--checkpoint_path", str(broken)] + overrides)
+    deadline = time.time() + 120
+    while not (broken / "do_00000003").exists():
+        assert killed.poll() is None, killed.communicate()[1]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    killed.kill()
+    killed.wait()
+    assert not (broken / "g_00000006").exists(), "the run finished before the kill"
+    resumed = _run_train(config + ["--checkpoint_path", str(broken)] + overrides)
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    assert "resuming at step 3" in out
+    out, err = uninterrupted.communicate(timeout=120)
+    assert uninterrupted.returncode == 0, err
+
+    for prefix in ("g_", "do_"):
+        assert utils.scan_checkpoint(str(broken), prefix).endswith(f"{prefix}00000006")
+    g = [utils.load_checkpoint(str(d / "g_00000006")) for d in (whole, broken)]
+    do = [utils.load_checkpoint(str(d / "do_00000006")) for d in (whole, broken)]
+    for key, value in g[0]["generator"].items():
+        assert torch.equal(value, g[1]["generator"][key]), key
+    for name in ("mpd", "msd"):
+        for key, value in do[0][name].items():
+            assert torch.equal(value, do[1][name][key]), (name, key)
+    for name in ("optim_g", "optim_d"):
+        for i, state in do[0][name]["state"].items():
+            assert torch.equal(
+                state["exp_avg_sq"], do[1][name]["state"][i]["exp_avg_sq"]
+            )
+    assert do[0]["sched_g"] == do[1]["sched_g"]
+    assert do[0]["best"] == do[1]["best"] and do[0]["best"]["step"] in (3, 6)
+    assert (do[0]["epoch"], do[0]["epoch_step"]) == (3, 0)
+    assert sorted(p.name for p in whole.glob("g_0*")) == ["g_00000003", "g_00000006"]
+    assert (whole / "g_best").exists() and (whole / "config.json").exists()
+    assert any((whole / "logs").iterdir())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, port: int, overrides: list[str], folder: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    use_tiny_discriminators(train)
+    rank, world_size, device = train.init_distributed()
+    run = train.build(
+        utils.load_config("cfgs.json", overrides), device, rank, world_size
+    )
+    indices = train._batches(run)
+    train.train(run, folder)
+    torch.save(
+        {
+            "indices": indices,
+            **{
+                name: getattr(run, name).state_dict()
+                for name in ("generator", "mpd", "msd")
+            },
+        },
+        os.path.join(folder, f"rank{rank}.pt"),
+    )
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ddp_processes_stay_identical(data, tmp_path):
+    # Global batch 4 over 2 processes of 2 clips each: 1 step per epoch, 2 epochs.
+    overrides = (
+        TINY
+        + data
+        + [
+            "train.batch_size=4",
+            "train.epochs=2",
+            "train.validation_interval=2",
+        ]
+    )
+    mp.spawn(
+        _ddp_worker, args=(_free_port(), overrides, str(tmp_path)), nprocs=2, join=True
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    # Different data in each process: without gradient averaging the weights would differ.
+    assert ranks[0]["indices"] != ranks[1]["indices"]
+    for name in ("generator", "mpd", "msd"):
+        for key, value in ranks[0][name].items():
+            assert torch.equal(value, ranks[1][name][key]), (name, key)
+    saved = utils.load_checkpoint(str(tmp_path / "g_00000002"))
+    assert saved["step"] == 2
+    for key, value in ranks[1]["generator"].items():
+        assert torch.equal(value, saved["generator"][key]), key
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.batch_sise=4"], "unknown key 'train.batch_sise'"),
+        (["data.root=/nonexistent", "data.train_files=train"], "folder not found"),
+        (["data.train_files={tmp_path}"], "no audio files"),
+    ],
+)
+def test_startup_errors_are_one_line(data, tmp_path, capsys, overrides, message):
+    folder = tmp_path / "run"
+    overrides = [o.format(tmp_path=tmp_path) for o in overrides]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--checkpoint_path", str(folder)] + TINY + data + overrides)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert not folder.exists()
+
+
+def test_batch_not_divisible_by_processes(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--checkpoint_path", str(tmp_path / "run")] + TINY + data)
+    assert exit_info.value.code == 1
+    assert "not divisible by the 3 processes" in capsys.readouterr().err
+
+
+def test_startup_error_exit_code_without_traceback(tmp_path):
+    process = subprocess.run(
+        [sys.executable, "train.py", "--checkpoint_path", str(tmp_path), "train.lr=1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert process.returncode == 1
+    assert process.stderr.strip().splitlines() == [
+        "train.py: error: cfgs.json: unknown key 'train.lr' in override 'train.lr=1'"
+    ]
