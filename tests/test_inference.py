@@ -5,8 +5,10 @@ A tiny random generator (a few thousand parameters) stands in for the trained mo
 signals are synthetic, so every test runs on CPU in seconds.
 """
 
+import dataclasses
 import glob
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -22,6 +24,7 @@ import dataset
 import inference_wav
 import utils
 from inference_wav import SuperResolver
+from models import WaveUMamba
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEECH = os.path.join(ROOT, "..", "shared", "data", "valid", "p234_012_svgan.wav")
@@ -35,9 +38,6 @@ TINY = [
 
 
 def tiny_generator(seed=0, identity=False):
-    from models import WaveUMamba
-    import dataclasses
-
     cfg = utils.load_config(os.path.join(ROOT, "cfgs.json"), TINY)
     torch.manual_seed(seed)
     generator = WaveUMamba(**dataclasses.asdict(cfg.model))
@@ -272,13 +272,17 @@ def test_detect_bandwidth_native_rate_and_channels():
 @pytest.mark.skipif(
     not os.path.exists(SPEECH), reason="../shared/data is not available"
 )
-def test_detect_bandwidth_on_speech_resampled_with_soxr():
+def test_detect_bandwidth_on_speech_made_lowres_every_way():
     y, sr = dataset.load_audio(SPEECH)
     assert sr == 48000
     assert inference_wav.detect_bandwidth(y, sr) == 24000
+    rng = np.random.default_rng(0)
     for low in (4000, 8000, 12000, 16000, 24000):
         x = dataset.resample(dataset.resample(y[0], sr, low), low, sr)
         assert inference_wav.detect_bandwidth(x, sr) == low / 2
+        for protocol in ("authors", "random"):
+            x = dataset.simulate_lowres(y[0], low, protocol, rng=rng)
+            assert inference_wav.detect_bandwidth(x, sr) == low / 2, protocol
 
 
 def test_upsample_shapes_and_types(resolver):
@@ -367,6 +371,30 @@ def test_write_audio_never_clips(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    def broken_write(path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"RIFF half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(inference_wav.sf, "write", broken_write)
+    with pytest.raises(OSError, match="disk full"):
+        inference_wav.write_audio(str(tmp_path / "a.wav"), np.zeros(48), "pcm16", "x")
+    assert os.listdir(tmp_path) == []
+
+
+def test_scan_impl_reaches_the_model(ckpt, resolver):
+    x = noise(0.02)
+    torch_scan = SuperResolver.from_pretrained(ckpt, device="cpu", scan_impl="torch")
+    np.testing.assert_allclose(
+        torch_scan.upsample(x, 48000)[0], resolver.upsample(x, 48000)[0], atol=1e-4
+    )
+    with pytest.raises(ValueError, match="impl"):
+        SuperResolver.from_pretrained(ckpt, device="cpu", scan_impl="nope").upsample(
+            x, 48000
+        )
+
+
 @pytest.mark.parametrize(
     "audio, sr, message",
     [
@@ -408,7 +436,7 @@ def test_ddp_and_bare_checkpoints_load_identically(tmp_path, ckpt, resolver):
     (tmp_path / "bare").mkdir()
     torch.save(state["generator"], tmp_path / "bare" / "generator.pt")
     with open(tmp_path / "bare" / "config.json", "w") as f:
-        f.write(__import__("json").dumps(state["config"]))
+        f.write(json.dumps(state["config"]))
     for path in (tmp_path / "g_ddp", tmp_path / "bare" / "generator.pt"):
         loaded = SuperResolver.from_pretrained(str(path), device="cpu")
         np.testing.assert_array_equal(loaded.upsample(x, 48000)[0], expected)
