@@ -433,18 +433,20 @@ def _load_kernel():
             if compiler is None:
                 raise RuntimeError("no C++ compiler (g++ or c++) on PATH")
             os.makedirs(folder, exist_ok=True)
-            src = os.path.join(folder, f"scan_{key}.cpp")
+            # per-process source and output names: concurrent first uses do not clash
+            src = f"{lib_path}.{os.getpid()}.cpp"
             tmp = f"{lib_path}.{os.getpid()}.tmp"
             with open(src, "w") as f:
                 f.write(_KERNEL_SOURCE)
             result = subprocess.run(
                 [compiler, *flags, src, "-o", tmp], capture_output=True, text=True
             )
+            os.remove(src)
             if result.returncode != 0:
                 lines = result.stderr.splitlines() or ["no output"]
                 first = next((line for line in lines if "error" in line), lines[0])
                 raise RuntimeError(f"{compiler} failed: {first.strip()}")
-            os.replace(tmp, lib_path)  # atomic: concurrent first uses do not clash
+            os.replace(tmp, lib_path)
         lib = ctypes.CDLL(lib_path)
     except (OSError, RuntimeError) as e:
         _kernel_error = f"compiled scan kernel unavailable ({e}); use impl='torch'"
