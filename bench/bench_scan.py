@@ -10,6 +10,7 @@ asserts.
 
 import argparse
 import datetime
+import os
 import platform
 import time
 
@@ -66,7 +67,9 @@ def max_rel_err(results, reference):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per compiled cell"
+    )
     parser.add_argument(
         "--no_error", action="store_true", help="skip the float64 reference"
     )
@@ -74,8 +77,10 @@ def main():
     print(
         f"device: cpu ({platform.processor() or platform.machine()}), torch {torch.__version__}"
     )
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"date: {datetime.datetime.now():%Y-%m-%d %H:%M}, threads: {torch.get_num_threads()}"
+        f"date: {datetime.datetime.now():%Y-%m-%d %H:%M}, threads: {torch.get_num_threads()},"
+        f" load average: {load} (a shared machine: each time is the best of its runs)"
     )
     print()
     print(
