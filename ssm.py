@@ -15,10 +15,14 @@ Implementations, top to bottom: `selective_scan_ref` (the oracle), the plain PyT
 ("torch"), the compiled CPU kernel ("compiled"), mamba_ssm's CUDA kernel ("cuda"), then the one
 entry point `selective_scan(..., impl=...)` and `Mamba`.
 
-The compiled kernel is C++ built with g++ on first use (about a second; no torch headers, called
-through ctypes), not numba: the scan spends its time in exp(dt * A) for 16 states per step, and
-numba (no SVML here) calls libm's exp lane by lane, while the C++ exp below vectorises. Measured
-on this machine (forward, float32, d_inner 512, L 3,000, one thread): numba 80 ms, C++ 22 ms.
+The compiled kernel is C++ built with g++ on first use (about a second: no torch headers; called
+through ctypes), not numba: the scan spends most of its time in exp(dt * A), 16 per step, and
+numba (no SVML here) calls libm's exp lane by lane, while the C++ exp below vectorises over the
+16 states. Measured here (forward, float32, d_inner 512, L 3,000, one thread): numba 80 ms,
+C++ 22 ms. The state is carried in float64 (float32 inputs are still accurate to ~1e-7 after
+48,000 slowly decaying steps); the forward stores it every _CHUNK steps and the backward
+recomputes each chunk. The kernel also has Mamba's causal depthwise conv + SiLU, because
+oneDNN's depthwise conv backward costs as much as the whole scan.
 """
 
 import ctypes
@@ -87,10 +91,10 @@ def _selective_scan_torch(
 
 
 _KERNEL_SOURCE = r"""
-// Selective scan forward and backward for CPU. One task is one channel (forward) or one group
-// of channels of one batch item (backward); tasks are handed out to std::threads. The state is
-// held in float64 whatever the input dtype: float32 states drift over tens of thousands of
-// slowly decaying steps. The 16 states are the SIMD lanes.
+// Selective scan forward and backward, and causal depthwise conv + SiLU, for CPU. One task is
+// one channel (forward) or one group of channels of one batch item (backward); tasks are handed
+// out to std::threads. The state is held in float64 whatever the input dtype: float32 states
+// drift over tens of thousands of slowly decaying steps. The 16 states are the SIMD lanes.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -408,9 +412,10 @@ CONV_API(double, f64)
 # Steps between stored states: the backward recomputes each chunk from its first state, so the
 # forward keeps [B, D, L / K, N] float64 instead of the whole [B, D, L, N] history.
 _CHUNK = 128
-# Channel groups per batch item in the backward; each group sums its own dB, dC, so the result
-# does not depend on the thread count.
-_GROUPS = 8
+# Backward tasks per call: each batch item's channels are split into this many groups over the
+# batch (at least one), each group summing its own dB and dC (a [L, N] buffer per group), so
+# that small batches still use every thread and the result does not depend on the thread count.
+_TASKS = 8
 _kernel = None
 _kernel_error = None
 
@@ -505,7 +510,7 @@ class _CompiledScan(torch.autograd.Function):
         lib = _load_kernel()
         nb, nd, length = u.shape
         n_state = A.shape[1]
-        groups = min(_GROUPS, nd)
+        groups = min(nd, max(1, -(-_TASKS // nb)))
         suffix = "f32" if u.dtype == torch.float32 else "f64"
         gout = gout.contiguous()
         gu, gdt = torch.empty_like(u), torch.empty_like(u)

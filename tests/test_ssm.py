@@ -84,11 +84,12 @@ def test_impl_matches_reference(impl, length, options):
         )
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 128])
-def test_compiled_chunked_backward_matches_reference(monkeypatch, chunk):
-    # lengths that end inside, at and past a chunk of stored states
+@pytest.mark.parametrize("chunk, batch", [(1, 2), (5, 2), (128, 2), (128, 9)])
+def test_compiled_chunked_backward_matches_reference(monkeypatch, chunk, batch):
+    # lengths that end inside, at and past a chunk of stored states; one or several channel
+    # groups per batch item
     monkeypatch.setattr(ssm, "_CHUNK", chunk)
-    inputs = scan_inputs(2, 11, 133, n=5)
+    inputs = scan_inputs(batch, 11, 133, n=5)
     options = OPTIONS[-1]
     y_ref, g_ref = run_scan(inputs, "ref", options)
     y, g = run_scan(inputs, "compiled", options)
@@ -97,6 +98,16 @@ def test_compiled_chunked_backward_matches_reference(monkeypatch, chunk):
         torch.testing.assert_close(
             g[name], g_ref[name], rtol=1e-10, atol=1e-12, msg=name
         )
+
+
+def test_compiled_forward_without_grad():
+    inputs = scan_inputs(2, 3, 40)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    with torch.no_grad():
+        y = ssm.selective_scan(*args[:7], args[7], True, impl="compiled")
+    torch.testing.assert_close(
+        y, ssm.selective_scan_ref(*args, True), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_compiled_gradcheck(monkeypatch):
