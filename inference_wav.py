@@ -534,7 +534,9 @@ def main(argv=None) -> int:
         required=True,
         help="audio files, folders (searched recursively) or globs",
     )
-    parser.add_argument("--output_dir", default="out")
+    parser.add_argument(
+        "--output_dir", default="out", help="where <name>_superresolved.wav go"
+    )
     parser.add_argument(
         "--checkpoint_file",
         default=None,
@@ -548,12 +550,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--input_sr",
         default="auto",
-        help="rate whose Nyquist is the input's real bandwidth, or auto to detect it",
+        help="for --keep_lowband: the rate whose Nyquist frequency is the input's real "
+        "bandwidth (8000 for audio that was once 8 kHz), or auto to detect it",
     )
     parser.add_argument(
         "--keep_lowband",
         action="store_true",
-        help="keep the input's own content below its bandwidth",
+        help="keep the input's own content below its bandwidth; the model adds the rest",
     )
     parser.add_argument(
         "--chunk_seconds",
@@ -561,7 +564,12 @@ def main(argv=None) -> int:
         default=CHUNK_SECONDS,
         help="process long files in chunks of this length (0: whole files)",
     )
-    parser.add_argument("--format", choices=("pcm16", "float"), default="pcm16")
+    parser.add_argument(
+        "--format",
+        choices=("pcm16", "float"),
+        default="pcm16",
+        help="pcm16: scaled down, with a warning, if it would clip; float: float32",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
         "--scan_impl", choices=("auto", "torch", "compiled", "ref"), default="auto"
