@@ -605,6 +605,9 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 1
+    if not os.access(a.output_dir, os.W_OK | os.X_OK):
+        print(f"error: output folder {a.output_dir} is not writable", file=sys.stderr)
+        return 1
 
     failed = len(errors)
     # disable=None: no bar when stderr is not a terminal (logs, tests)
