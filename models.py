@@ -18,9 +18,9 @@ LRELU_SLOPE = 0.1
 # before conv_post, and the authors inherited it.
 HEAD_LRELU_SLOPE = 0.01
 # Weight norm (torch.nn.utils.parametrizations) stores g and v as
-# `<conv>.parametrizations.weight.original0` / `original1`. Upstream's init_weights runs after
-# weight_norm and so has no effect: every conv keeps PyTorch's default initialisation, and we
-# call no init.
+# `<conv>.parametrizations.weight.original0` / `original1`; torch also loads state_dicts with
+# the old `weight_g` / `weight_v` keys into it. Upstream's init_weights runs after weight_norm
+# and so has no effect: every conv keeps PyTorch's default initialisation, and we call no init.
 
 
 def get_padding(kernel_size: int, dilation: int = 1) -> int:

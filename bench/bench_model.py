@@ -92,7 +92,12 @@ def worker_rtf(args) -> dict:
 
 
 def worker_profile(args) -> dict:
-    """Wall time per block type in one forward, from module hooks and a timed scan."""
+    """Wall time per block type in one forward, from module hooks and timed wrappers.
+
+    Mamba's projections (in_proj, x_proj, dt_proj) run as torch.matmul inside ssm.py, so
+    torch.matmul and ssm.selective_scan are wrapped with timers for the run; models.py
+    calls neither directly.
+    """
     import ssm
     from models import ChannelLayerNorm, WaveUMamba
 
@@ -100,27 +105,28 @@ def worker_profile(args) -> dict:
     g = WaveUMamba(scan_impl=args.impl).eval()
     g.remove_weight_norm()
     x = torch.randn(1, 1, int(args.seconds * SAMPLING_RATE) // 16 * 16) * 0.1
-    totals = {"scan": 0.0, "mamba": 0.0, "mamba conv1d": 0.0, "mamba linears": 0.0}
-    totals.update({"layernorm": 0.0, "convs (U-Net)": 0.0})
-    scan = ssm.selective_scan
+    keys = ("scan", "matmul", "mamba", "out_proj", "layernorm", "convs")
+    totals = dict.fromkeys(keys, 0.0)
 
-    def timed_scan(*a, **k):
-        t0 = time.perf_counter()
-        out = scan(*a, **k)
-        totals["scan"] += time.perf_counter() - t0
-        return out
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            totals[key] += time.perf_counter() - t0
+            return out
+
+        return wrapper
 
     def category(name, module):
         if isinstance(module, ssm.Mamba):
             return "mamba"
-        if name.endswith("mamba.conv1d"):
-            return "mamba conv1d"
-        if ".mamba." in name and isinstance(module, torch.nn.Linear):
-            return "mamba linears"
+        if name.endswith("mamba.out_proj"):
+            return "out_proj"
         if isinstance(module, (torch.nn.LayerNorm, ChannelLayerNorm)):
             return "layernorm"
         if isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
-            return "convs (U-Net)"
+            if ".mamba." not in name:
+                return "convs"
         return None
 
     starts = {}
@@ -136,32 +142,28 @@ def worker_profile(args) -> dict:
                 cat, totals[cat] + time.perf_counter() - starts[name]
             )
         )
+    scan, matmul = ssm.selective_scan, torch.matmul
     with torch.inference_mode():
         g(x)  # warm-up
-        ssm.selective_scan = timed_scan
-        totals.update({k: 0.0 for k in totals})
+        ssm.selective_scan, torch.matmul = timed(scan, "scan"), timed(matmul, "matmul")
+        totals.update(dict.fromkeys(keys, 0.0))
         t0 = time.perf_counter()
         g(x)
         total = time.perf_counter() - t0
-        ssm.selective_scan = scan
-    # in_proj runs as a bare matmul inside Mamba.forward, so it lands in "mamba other"
-    other_mamba = (
-        totals["mamba"]
-        - totals["scan"]
-        - totals["mamba conv1d"]
-        - totals["mamba linears"]
-    )
+        ssm.selective_scan, torch.matmul = scan, matmul
+    linears = totals["matmul"] + totals["out_proj"]
     split = {
         "selective scan": totals["scan"],
-        "Mamba in_proj + gating + transposes": other_mamba,
-        "Mamba x_proj/dt/out_proj (Linear modules)": totals["mamba linears"],
-        "Mamba depthwise conv1d": totals["mamba conv1d"],
-        "LayerNorm (channel + pre-norm)": totals["layernorm"],
-        "U-Net convs (conv units, ConvTranspose, ResBlocks, head)": totals[
-            "convs (U-Net)"
-        ],
+        "Mamba linears (in_proj, x_proj, dt_proj, out_proj)": linears,
+        "Mamba rest (depthwise conv + SiLU, small ops)": totals["mamba"]
+        - totals["scan"]
+        - linears,
+        "LayerNorm (channel + Mamba pre-norm)": totals["layernorm"],
+        "U-Net convs (conv units, ConvTranspose, ResBlocks, head)": totals["convs"],
     }
-    split["everything else (activations, adds, pooling)"] = total - sum(split.values())
+    split["everything else (activations, adds, pooling, transposes)"] = total - sum(
+        split.values()
+    )
     return {"total": total, "split": split}
 
 
