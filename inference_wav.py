@@ -514,10 +514,6 @@ def write_audio(path: str, audio: np.ndarray, fmt: str, name: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with utils.atomic_path(path) as tmp:
         sf.write(tmp, audio.T, SAMPLING_RATE, subtype=subtype, format="WAV")
-        # mkstemp creates 0600 files; give the output the permissions the umask allows
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
 
 
 def one_line(error: Exception) -> str:

@@ -126,3 +126,15 @@ def test_seed_everything_repeats_draws():
     a = torch.rand(3)
     utils.seed_everything(3)
     assert torch.equal(a, torch.rand(3))
+
+
+def test_atomic_path_gives_umask_permissions(tmp_path):
+    target = tmp_path / "out.txt"
+    umask = os.umask(0o022)
+    try:
+        with utils.atomic_path(str(target)) as tmp:
+            with open(tmp, "w") as f:
+                f.write("x")
+    finally:
+        os.umask(umask)
+    assert os.stat(target).st_mode & 0o777 == 0o644
