@@ -3,11 +3,16 @@ backward under gradcheck, long float32 scans, and the Mamba mixer's mamba_ssm pa
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import ssm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # mamba_ssm.Mamba(d_model=32) v1 (d_inner 64, dt_rank 2, d_state 16, d_conv 4), written out
 # because mamba_ssm cannot be installed here.
@@ -263,3 +268,12 @@ def test_mamba_impls_match_reference_float64(length):
             torch.testing.assert_close(
                 g, g_r, rtol=1e-9, atol=1e-11, msg=f"{impl} {name}"
             )
+
+
+def test_import_builds_nothing():
+    # the kernel is built on first use, and importing ssm loads no compiler or JIT
+    code = (
+        "import sys, ssm; assert ssm._kernel is None; "
+        "assert not {'numba', 'torch.utils.cpp_extension'} & set(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
