@@ -13,6 +13,7 @@ checkpoint left it, down to the position inside the epoch.
 
 import argparse
 import dataclasses
+import datetime
 import itertools
 import json
 import math
@@ -73,9 +74,8 @@ class Run:
     best: dict = dataclasses.field(
         default_factory=lambda: {"lsd": math.inf, "step": 0, "since_improvement": 0}
     )
-    logged_inputs: set = dataclasses.field(
-        default_factory=set
-    )  # TensorBoard, this process
+    # Validation items whose input and target this process already sent to TensorBoard.
+    logged_inputs: set = dataclasses.field(default_factory=set)
 
 
 def lr_factor(epoch: int, train_cfg: utils.TrainConfig) -> float:
@@ -84,6 +84,16 @@ def lr_factor(epoch: int, train_cfg: utils.TrainConfig) -> float:
         start = train_cfg.warmup_start_factor
         return start + (1.0 - start) * epoch / train_cfg.warmup_epochs
     return train_cfg.lr_decay ** (epoch - train_cfg.warmup_epochs)
+
+
+def per_process_batch(train_cfg: utils.TrainConfig, world_size: int) -> int:
+    """The batch each process trains on: the global train.batch_size split evenly."""
+    if train_cfg.batch_size % world_size:
+        raise ValueError(
+            f"train.batch_size={train_cfg.batch_size} is not divisible by the "
+            f"{world_size} processes"
+        )
+    return train_cfg.batch_size // world_size
 
 
 def build(
@@ -106,14 +116,12 @@ def build(
         a training set smaller than one batch.
     """
     train_cfg = cfg.train
-    if train_cfg.batch_size % world_size:
-        raise ValueError(
-            f"train.batch_size={train_cfg.batch_size} is not divisible by the "
-            f"{world_size} processes"
-        )
+    per_process_batch(train_cfg, world_size)
     train_set = TrainDataset(
         list_audio_files(cfg.data.root, cfg.data.train_files), cfg, seed=train_cfg.seed
     )
+    # Decoded once here: the DataLoader workers forked each epoch share this cache.
+    train_set.preload()
     valid_set = None
     if rank == 0:
         valid_set = ValidDataset(
@@ -187,7 +195,7 @@ def _batches(run: Run) -> list[list[int]]:
     """This process's batches of dataset indices for the current epoch, all of them."""
     run.train_sampler.set_epoch(run.epoch)
     indices = list(run.train_sampler)
-    size = run.cfg.train.batch_size // run.world_size
+    size = per_process_batch(run.cfg.train, run.world_size)
     return [indices[i : i + size] for i in range(0, len(indices) - size + 1, size)]
 
 
@@ -293,7 +301,7 @@ def validate(run: Run, writer: SummaryWriter | None = None, n_logged: int = 1):
     Args:
         run: the run (rank 0, which holds the validation set).
         writer: when given, the scores go to TensorBoard as validation/*, with the audio and
-            mel spectrograms of the first n_logged files at every ratio.
+            spectrograms of the first n_logged files at every ratio.
         n_logged: how many validation files to log as audio and images.
     Returns:
         {"lsd", "lsd_hf"} averaged over all items, and "lsd_<rate>", "lsd_hf_<rate>" per input
@@ -504,7 +512,7 @@ def train(run: Run, checkpoint_path: str) -> None:
                     f"{k} {v:.4f}" for k, v in logs.items() if "grad" not in k
                 )
                 tqdm.write(
-                    f"step {run.step} epoch {run.epoch} {losses} {speed:.2f} steps/s"
+                    f"step {run.step} epoch {run.epoch} {losses} {speed:.3g} steps/s"
                 )
             if is_main and run.step % train_cfg.summary_interval == 0:
                 for key, value in logs.items():
@@ -569,7 +577,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Rank 0 validates alone while the others wait in a broadcast: allow a long validation.
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(hours=2),
+        )
     return rank, world_size, device
 
 
@@ -598,11 +610,8 @@ def main(argv=None) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     try:
         cfg = utils.load_config(args.config, args.overrides)
-        if cfg.train.batch_size % world_size:
-            raise ValueError(
-                f"train.batch_size={cfg.train.batch_size} is not divisible by the "
-                f"{world_size} processes"
-            )
+        # Checked before joining the process group, which would wait for absent processes.
+        per_process_batch(cfg.train, world_size)
         rank, world_size, device = init_distributed()
         run = build(cfg, device, rank, world_size, args.scan_impl)
         if rank == 0:
