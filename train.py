@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -452,8 +453,16 @@ def _changed_keys(old: dict, new: dict) -> list[str]:
     ]
 
 
-def _end_of_validation(run: Run, metrics: dict | None, checkpoint_path: str) -> bool:
-    """Keeps the best generator (rank 0) and says, in every process, whether to stop early."""
+def track_best(run: Run, metrics: dict | None, checkpoint_path: str) -> bool:
+    """Records a validation: keeps the best generator as g_best and counts non-improvements.
+
+    Args:
+        run: the run; its `best` dict is updated on rank 0.
+        metrics: validate()'s result on rank 0 (ignored elsewhere).
+        checkpoint_path: where g_best goes.
+    Returns:
+        Whether to stop early, the same in every process.
+    """
     stop = False
     if run.rank == 0:
         if metrics["lsd"] < run.best["lsd"]:
@@ -487,6 +496,12 @@ def train(run: Run, checkpoint_path: str) -> None:
     """
     train_cfg = run.cfg.train
     is_main = run.rank == 0
+    # While generator_warmup_steps last, optim_d has not stepped when its scheduler moves to
+    # the next epoch. The warning that the schedule's first value is skipped does not apply:
+    # LambdaLR computes each epoch's rate from the epoch number.
+    warnings.filterwarnings(
+        "ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning
+    )
     writer = None
     if is_main:
         # purge_step hides events a killed run logged after its last checkpoint.
@@ -531,7 +546,7 @@ def train(run: Run, checkpoint_path: str) -> None:
                         f"step {run.step} validation lsd {metrics['lsd']:.4f} "
                         f"lsd_hf {metrics['lsd_hf']:.4f}"
                     )
-                stop = _end_of_validation(run, metrics, checkpoint_path)
+                stop = track_best(run, metrics, checkpoint_path)
             if is_main and run.step % train_cfg.checkpoint_interval == 0:
                 save_checkpoints(run, checkpoint_path)
             if stop:
@@ -572,8 +587,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        # Fixed segment sizes: let cuDNN pick the fastest convolution algorithms.
-        torch.backends.cudnn.benchmark = True
     else:
         device = torch.device("cpu")
     if world_size > 1:

@@ -210,6 +210,19 @@ def test_epochs_reshuffle_and_redraw(data, tiny_discriminators):
     assert not torch.equal(first[1], _batch(run)[1])
 
 
+def test_best_generator_and_early_stop(data, tiny_discriminators, tmp_path):
+    cfg = utils.load_config("cfgs.json", TINY + data + ["train.early_stop_patience=2"])
+    run = train.build(cfg)
+    run.step = 10
+    assert not train.track_best(run, {"lsd": 2.0}, str(tmp_path))
+    assert utils.load_checkpoint(str(tmp_path / "g_best"))["step"] == 10
+    run.step = 20
+    assert not train.track_best(run, {"lsd": 2.5}, str(tmp_path))
+    assert run.best == {"lsd": 2.0, "step": 10, "since_improvement": 1}
+    assert train.track_best(run, {"lsd": 2.0}, str(tmp_path))  # not better: stop
+    assert utils.load_checkpoint(str(tmp_path / "g_best"))["step"] == 10
+
+
 def _run_train(args, env_extra=None, **kwargs) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
     env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests")])
