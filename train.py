@@ -417,11 +417,10 @@ def resume(run: Run, checkpoint_path: str) -> bool:
     do_path = utils.scan_checkpoint(checkpoint_path, "do_")
     if do_path is None:
         return False
-    state = utils.load_checkpoint(do_path, map_location=run.device)
+    # On the CPU: the RNG states must stay there; load_state_dict moves the rest.
+    state = utils.load_checkpoint(do_path)
     g_path = os.path.join(checkpoint_path, f"g_{state['step']:08d}")
-    run.generator.load_state_dict(
-        utils.load_checkpoint(g_path, map_location=run.device)["generator"]
-    )
+    run.generator.load_state_dict(utils.load_checkpoint(g_path)["generator"])
     run.mpd.load_state_dict(state["mpd"])
     run.msd.load_state_dict(state["msd"])
     run.optim_g.load_state_dict(state["optim_g"])
@@ -453,6 +452,12 @@ def _changed_keys(old: dict, new: dict) -> list[str]:
     ]
 
 
+def _patience_exhausted(run: Run) -> bool:
+    # early_stop_patience 0 turns early stopping off.
+    patience = run.cfg.train.early_stop_patience
+    return 0 < patience <= run.best["since_improvement"]
+
+
 def track_best(run: Run, metrics: dict | None, checkpoint_path: str) -> bool:
     """Records a validation: keeps the best generator as g_best and counts non-improvements.
 
@@ -478,7 +483,7 @@ def track_best(run: Run, metrics: dict | None, checkpoint_path: str) -> bool:
             )
         else:
             run.best["since_improvement"] += 1
-        stop = run.best["since_improvement"] >= run.cfg.train.early_stop_patience
+        stop = _patience_exhausted(run)
     if run.world_size > 1:
         # Only rank 0 validates; the others must leave the loop with it.
         flag = torch.tensor([float(stop)], device=run.device)
@@ -514,7 +519,7 @@ def train(run: Run, checkpoint_path: str) -> None:
     )
     marks = {"stdout": (time.perf_counter(), run.step)}
     marks["summary"] = marks["stdout"]
-    stop = False
+    stop = _patience_exhausted(run)  # a run that stopped early stays stopped
     while run.epoch < train_cfg.epochs and not stop:
         for batch in epoch_loader(run):
             logs = train_step(run, batch)

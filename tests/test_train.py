@@ -221,6 +221,8 @@ def test_best_generator_and_early_stop(data, tiny_discriminators, tmp_path):
     assert run.best == {"lsd": 2.0, "step": 10, "since_improvement": 1}
     assert train.track_best(run, {"lsd": 2.0}, str(tmp_path))  # not better: stop
     assert utils.load_checkpoint(str(tmp_path / "g_best"))["step"] == 10
+    train.train(run, str(tmp_path))  # a stopped run trains no further
+    assert run.step == 20 and (tmp_path / "do_00000020").exists()
 
 
 def _run_train(args, env_extra=None, **kwargs) -> subprocess.Popen:
