@@ -604,7 +604,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Train Wave-U-Mamba (SPEC section 5).")
+    parser = argparse.ArgumentParser(
+        description="Train Wave-U-Mamba for speech super-resolution."
+    )
     parser.add_argument("--config", default="cfgs.json", help="JSON config")
     parser.add_argument(
         "--checkpoint_path",
