@@ -315,16 +315,19 @@ void conv_silu_forward(const T* x, const T* w, const T* bias, int64_t nb, int64_
                        int64_t L, int64_t K, T* out, int n_threads) {
   parallel_for(nb * nd, n_threads, [&](int64_t bd) {
     const int64_t d = bd % nd;
-    std::vector<double> xp(L + K - 1, 0.0);
+    // xp: the row with K-1 zeros in front; one loop over time per tap, so each vectorises
+    std::vector<double> xbuf(L + K - 1, 0.0), pbuf(L, static_cast<double>(bias[d]));
+    double* __restrict xp = xbuf.data();
+    double* __restrict pre = pbuf.data();
     for (int64_t t = 0; t < L; ++t) xp[K - 1 + t] = x[bd * L + t];
-    T* __restrict o = out + bd * L;
-    const double* __restrict xq = xp.data();
+    for (int64_t k = 0; k < K; ++k) {
+      const double wk = w[d * K + k];
 #pragma omp simd
-    for (int64_t t = 0; t < L; ++t) {
-      double pre = bias[d];
-      for (int64_t k = 0; k < K; ++k) pre += w[d * K + k] * xq[t + k];
-      o[t] = static_cast<T>(pre * sigmoid(pre));
+      for (int64_t t = 0; t < L; ++t) pre[t] += wk * xp[t + k];
     }
+    T* __restrict o = out + bd * L;
+#pragma omp simd
+    for (int64_t t = 0; t < L; ++t) o[t] = static_cast<T>(pre[t] * sigmoid(pre[t]));
   });
 }
 
@@ -336,35 +339,40 @@ void conv_silu_backward(const T* x, const T* w, const T* bias, const T* gout, in
     const int64_t d = bd % nd;
     // xp: the row with K-1 zeros in front; gp: d out / d pre-activation with K-1 zeros behind
     std::vector<double> xbuf(L + K - 1, 0.0), gbuf(L + K - 1, 0.0);
+    std::vector<double> pbuf(L, static_cast<double>(bias[d])), abuf(L, 0.0);
     double* __restrict xp = xbuf.data();
     double* __restrict gp = gbuf.data();
+    double* __restrict pre = pbuf.data();
+    double* __restrict acc = abuf.data();
     for (int64_t t = 0; t < L; ++t) xp[K - 1 + t] = x[bd * L + t];
-    const T* __restrict go = gout + bd * L;
+    for (int64_t k = 0; k < K; ++k) {
+      const double wk = w[d * K + k];
 #pragma omp simd
-    for (int64_t t = 0; t < L; ++t) {
-      double pre = bias[d];
-      for (int64_t k = 0; k < K; ++k) pre += w[d * K + k] * xp[t + k];
-      const double s = sigmoid(pre);
-      gp[t] = go[t] * s * (1.0 + pre * (1.0 - s));
+      for (int64_t t = 0; t < L; ++t) pre[t] += wk * xp[t + k];
     }
+    const T* __restrict go = gout + bd * L;
     double gbias = 0.0;
 #pragma omp simd reduction(+ : gbias)
-    for (int64_t t = 0; t < L; ++t) gbias += gp[t];
+    for (int64_t t = 0; t < L; ++t) {
+      const double sg = sigmoid(pre[t]);
+      gp[t] = go[t] * sg * (1.0 + pre[t] * (1.0 - sg));
+      gbias += gp[t];
+    }
     gb[bd] = gbias;
     for (int64_t k = 0; k < K; ++k) {
-      double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t t = 0; t < L; ++t) acc += gp[t] * xp[t + k];
-      gw[bd * K + k] = acc;
+      const double wk = w[d * K + k];
+      double gwk = 0.0;
+      // x[s] feeds outputs s .. s+K-1 through taps K-1 .. 0
+#pragma omp simd reduction(+ : gwk)
+      for (int64_t t = 0; t < L; ++t) {
+        gwk += gp[t] * xp[t + k];
+        acc[t] += wk * gp[t + K - 1 - k];
+      }
+      gw[bd * K + k] = gwk;
     }
     T* __restrict g = gx + bd * L;
-    // x[s] feeds outputs s .. s+K-1 through taps K-1 .. 0
 #pragma omp simd
-    for (int64_t t = 0; t < L; ++t) {
-      double acc = 0.0;
-      for (int64_t k = 0; k < K; ++k) acc += w[d * K + k] * gp[t + K - 1 - k];
-      g[t] = static_cast<T>(acc);
-    }
+    for (int64_t t = 0; t < L; ++t) g[t] = static_cast<T>(acc[t]);
   });
 }
 
