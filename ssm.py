@@ -724,6 +724,13 @@ def selective_scan(
     return _IMPLS[impl](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
+def _project(weight, x):
+    # weight [C_out, C_in] @ x [B, C_in, L] -> [B, C_out, L]. bmm on the expanded weight writes
+    # this layout directly; matmul computes the transpose and copies (30-40% slower with
+    # backward, measured).
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
 class Mamba(nn.Module):
     """Mamba (v1) mixer with mamba_ssm's parameter names, shapes and initialisation.
 
@@ -794,7 +801,7 @@ class Mamba(nn.Module):
         # Projections are written as W @ [B, C, L] so that every tensor keeps time innermost,
         # the scan's layout: no transposed copies, and contiguous gradients for the conv
         # (oneDNN's depthwise conv backward is several times slower on strided gradients).
-        xz = torch.matmul(self.in_proj.weight, x.transpose(1, 2))  # [B, 2*d_inner, L]
+        xz = _project(self.in_proj.weight, x.transpose(1, 2))  # [B, 2*d_inner, L]
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
         u, z = xz.chunk(2, dim=1)  # [B, d_inner, L] each
@@ -814,9 +821,9 @@ class Mamba(nn.Module):
                     u_pad, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner
                 )
             )  # [B, d_inner, L]
-        x_dbl = torch.matmul(self.x_proj.weight, u)  # [B, dt_rank + 2N, L]
+        x_dbl = _project(self.x_proj.weight, u)  # [B, dt_rank + 2N, L]
         dt, Bm, Cm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = torch.matmul(self.dt_proj.weight, dt)  # [B, d_inner, L]
+        delta = _project(self.dt_proj.weight, dt)  # [B, d_inner, L]
         y = selective_scan(
             u,
             delta,
