@@ -363,11 +363,12 @@ def test_two_ddp_processes_stay_identical(data, tmp_path):
     [
         (["train.batch_sise=4"], "unknown key 'train.batch_sise'"),
         (["data.root=/nonexistent", "data.train_files=train"], "folder not found"),
-        (["data.train_files={tmp_path}"], "no audio files"),
+        (["data.train_files={tmp_path}/empty"], "no audio files"),
     ],
 )
 def test_startup_errors_are_one_line(data, tmp_path, capsys, overrides, message):
     folder = tmp_path / "run"
+    (tmp_path / "empty").mkdir()
     overrides = [o.format(tmp_path=tmp_path) for o in overrides]
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--checkpoint_path", str(folder)] + TINY + data + overrides)
