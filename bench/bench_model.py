@@ -94,9 +94,9 @@ def worker_rtf(args) -> dict:
 def worker_profile(args) -> dict:
     """Wall time per block type in one forward, from module hooks and timed wrappers.
 
-    Mamba's projections (in_proj, x_proj, dt_proj) run as torch.matmul inside ssm.py, so
-    torch.matmul and ssm.selective_scan are wrapped with timers for the run; models.py
-    calls neither directly.
+    Mamba's projections (in_proj, x_proj, dt_proj) run as torch.bmm or torch.matmul inside
+    ssm.py, so those and ssm.selective_scan are wrapped with timers for the run; models.py
+    calls none of them directly.
     """
     import ssm
     from models import ChannelLayerNorm, WaveUMamba
@@ -149,15 +149,16 @@ def worker_profile(args) -> dict:
                 cat, totals[cat] + time.perf_counter() - starts[name]
             )
         )
-    scan, matmul = ssm.selective_scan, torch.matmul
+    scan, matmul, bmm = ssm.selective_scan, torch.matmul, torch.bmm
     with torch.inference_mode():
         g(x)  # warm-up
-        ssm.selective_scan, torch.matmul = timed(scan, "scan"), timed(matmul, "matmul")
+        ssm.selective_scan = timed(scan, "scan")
+        torch.matmul, torch.bmm = timed(matmul, "matmul"), timed(bmm, "matmul")
         totals.update(dict.fromkeys(keys, 0.0))
         t0 = time.perf_counter()
         g(x)
         total = time.perf_counter() - t0
-        ssm.selective_scan, torch.matmul = scan, matmul
+        ssm.selective_scan, torch.matmul, torch.bmm = scan, matmul, bmm
     linears = totals["matmul"] + totals["out_proj"]
     split = {
         "selective scan": totals["scan"],
