@@ -260,7 +260,7 @@ def test_killed_run_resumes_exactly(data, tmp_path):
     config = ["--config", "cfgs.json"]
     uninterrupted = _run_train(config + ["--checkpoint_path", str(whole)] + overrides)
     killed = _run_train(config + ["--checkpoint_path", str(broken)] + overrides)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while not (broken / "do_00000003").exists():
         assert killed.poll() is None, killed.communicate()[1]
         assert time.time() < deadline
@@ -269,10 +269,10 @@ def test_killed_run_resumes_exactly(data, tmp_path):
     killed.wait()
     assert not (broken / "g_00000006").exists(), "the run finished before the kill"
     resumed = _run_train(config + ["--checkpoint_path", str(broken)] + overrides)
-    out, err = resumed.communicate(timeout=120)
+    out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "resuming at step 3" in out
-    out, err = uninterrupted.communicate(timeout=120)
+    out, err = uninterrupted.communicate(timeout=300)
     assert uninterrupted.returncode == 0, err
 
     for prefix in ("g_", "do_"):
@@ -392,7 +392,7 @@ def test_startup_error_exit_code_without_traceback(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert process.returncode == 1
     assert process.stderr.strip().splitlines() == [
