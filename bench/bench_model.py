@@ -7,7 +7,6 @@ tables; no asserts.
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import resource
@@ -176,81 +175,27 @@ def worker_profile(args) -> dict:
 
 
 def worker_train(args) -> dict:
-    """One G + D training step at batch 4, 25,600 samples; train.py's if it exists."""
-    import models
+    """One G + D training step (train.py's build and train_step) at the given batch."""
+    import train
+    from utils import load_config
 
     torch.manual_seed(0)
     y = torch.randn(args.batch, 1, args.segment) * 0.1
     x = y.clone()
-    if importlib.util.find_spec("train") is not None:
-        source, step = train_py_step(args, x, y)
-    else:
-        source, step = plain_step(args, models, x, y)
+    cfg = load_config("cfgs.json", [f"train.batch_size={args.batch}"])
+    run = train.build(cfg, scan_impl=args.impl)
     times = []
     for _ in range(args.warmup + args.runs):
         t0 = time.perf_counter()
-        step()
+        train.train_step(run, (x, y))
         times.append(time.perf_counter() - t0)
     times = times[args.warmup :]
     return {
-        "source": source,
+        "source": "train.py build + train_step",
         "step_s": statistics.median(times),
         "times": times,
         "peak_rss_mb": peak_rss_mb(),
     }
-
-
-def train_py_step(args, x, y):
-    import train
-    from utils import load_config
-
-    cfg = load_config("cfgs.json", [f"train.batch_size={args.batch}"])
-    run = train.build(cfg, scan_impl=args.impl)
-    return "train.py build + train_step", lambda: train.train_step(run, (x, y))
-
-
-def plain_step(args, models, x, y):
-    """G then D with LSGAN + MR-STFT + mel losses from losses.py (or LSGAN + L1 without it)."""
-    g = models.WaveUMamba(scan_impl=args.impl)
-    mpd, msd = models.MultiPeriodDiscriminator(), models.MultiScaleDiscriminator()
-    optim_g = torch.optim.AdamW(g.parameters(), 2e-4, betas=(0.6, 0.99))
-    optim_d = torch.optim.AdamW(
-        list(mpd.parameters()) + list(msd.parameters()), 2e-4, betas=(0.6, 0.99)
-    )
-    if importlib.util.find_spec("losses") is not None:
-        import losses
-        from utils import load_config
-
-        cfg = load_config("cfgs.json")
-        mel = losses.MelLoss(cfg.loss, SAMPLING_RATE)
-        mrstft = losses.MRSTFTLoss(cfg.loss, SAMPLING_RATE)
-        g_adv, d_adv = losses.generator_adv_loss, losses.discriminator_adv_loss
-        source = "plain G+D step, LSGAN + MR-STFT + mel from losses.py"
-    else:
-        mel = mrstft = lambda a, b: (a - b).abs().mean()
-        g_adv = lambda d_fake: sum(((1 - d) ** 2).mean() for d in d_fake)
-        d_adv = lambda d_real, d_fake: sum(
-            ((1 - r) ** 2).mean() + (f**2).mean() for r, f in zip(d_real, d_fake)
-        )
-        source = "plain G+D step, LSGAN + L1 (no losses.py)"
-
-    def step():
-        y_hat = g(x)
-        optim_g.zero_grad()
-        loss_g = 45 * mel(y_hat, y) + 10 * mrstft(y_hat, y)
-        for d in (mpd, msd):
-            loss_g = loss_g + g_adv(d(y, y_hat)[1])
-        loss_g.backward()
-        optim_g.step()
-        optim_d.zero_grad()
-        loss_d = 0
-        for d in (mpd, msd):
-            d_real, d_fake, _, _ = d(y, y_hat.detach())
-            loss_d = loss_d + d_adv(d_real, d_fake)
-        loss_d.backward()
-        optim_d.step()
-
-    return source, step
 
 
 def run_worker(mode: str, impl: str, args, extra=()) -> dict:
