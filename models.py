@@ -365,6 +365,19 @@ class DiscriminatorP(nn.Module):
         return torch.flatten(x, 1, -1), fmap  # [B, frames * p]
 
 
+def _score_real_and_fake(discriminators, ys, y_hats):
+    """(d_real, d_fake, fmap_real, fmap_fake): each sub-discriminator on its real and fake input."""
+    d_real, d_fake, fmap_real, fmap_fake = [], [], [], []
+    for d, y, y_hat in zip(discriminators, ys, y_hats):
+        score, fmap = d(y)
+        d_real.append(score)
+        fmap_real.append(fmap)
+        score, fmap = d(y_hat)
+        d_fake.append(score)
+        fmap_fake.append(fmap)
+    return d_real, d_fake, fmap_real, fmap_fake
+
+
 class MultiPeriodDiscriminator(nn.Module):
     """HiFi-GAN V1 multi-period discriminator (periods 2, 3, 5, 7, 11).
 
@@ -378,15 +391,8 @@ class MultiPeriodDiscriminator(nn.Module):
 
     def forward(self, y, y_hat):
         # y, y_hat: [B, 1, T]
-        d_real, d_fake, fmap_real, fmap_fake = [], [], [], []
-        for d in self.discriminators:
-            score, fmap = d(y)
-            d_real.append(score)
-            fmap_real.append(fmap)
-            score, fmap = d(y_hat)
-            d_fake.append(score)
-            fmap_fake.append(fmap)
-        return d_real, d_fake, fmap_real, fmap_fake
+        n = len(self.discriminators)
+        return _score_real_and_fake(self.discriminators, [y] * n, [y_hat] * n)
 
 
 class DiscriminatorS(nn.Module):
@@ -440,15 +446,8 @@ class MultiScaleDiscriminator(nn.Module):
 
     def forward(self, y, y_hat):
         # y, y_hat: [B, 1, T]
-        d_real, d_fake, fmap_real, fmap_fake = [], [], [], []
-        for i, d in enumerate(self.discriminators):
-            if i > 0:
-                y = self.meanpools[i - 1](y)  # [B, 1, ~T / 2^i]
-                y_hat = self.meanpools[i - 1](y_hat)
-            score, fmap = d(y)
-            d_real.append(score)
-            fmap_real.append(fmap)
-            score, fmap = d(y_hat)
-            d_fake.append(score)
-            fmap_fake.append(fmap)
-        return d_real, d_fake, fmap_real, fmap_fake
+        ys, y_hats = [y], [y_hat]
+        for pool in self.meanpools:
+            ys.append(pool(ys[-1]))  # [B, 1, ~T / 2^i]
+            y_hats.append(pool(y_hats[-1]))
+        return _score_real_and_fake(self.discriminators, ys, y_hats)
