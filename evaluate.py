@@ -13,7 +13,6 @@ from memory, never through 16-bit files.
 
 import argparse
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -45,34 +44,6 @@ PROTOCOL_TEXT = {
     "stft": "STFT 2048/512 Hann with bins at or above rate/2 zeroed (ssr_eval)",
     "random": "random filter family, order, ripple, phase and resampler per file (seeded)",
 }
-
-
-def load_generator(checkpoint: str, cfgs_path: str | None = None):
-    """Builds the generator of a g_ checkpoint, ready for inference.
-
-    Args:
-        checkpoint: path of a g_XXXXXXXX file ({"generator", "config", "step"}).
-        cfgs_path: a JSON config to use instead of the one stored in the checkpoint.
-    Returns:
-        (generator in eval mode with weight norm removed, Config, step or None).
-    """
-    ckpt = utils.load_checkpoint(checkpoint)
-    if not isinstance(ckpt, dict) or "generator" not in ckpt:
-        raise ValueError(f"{checkpoint} is not a g_ checkpoint: no 'generator' entry")
-    if cfgs_path is not None:
-        cfg = utils.load_config(cfgs_path)
-    elif "config" in ckpt:
-        cfg = utils.config_from_dict(ckpt["config"], checkpoint)
-    else:
-        raise ValueError(f"{checkpoint} holds no config; pass --cfgs_path")
-    generator = models.WaveUMamba(**dataclasses.asdict(cfg.model))
-    try:
-        generator.load_state_dict(ckpt["generator"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ValueError(f"{checkpoint} does not fit the configured model: {first}")
-    generator.remove_weight_norm()
-    return generator.eval(), cfg, ckpt.get("step")
 
 
 def run_generator(generator, x: np.ndarray, peak: float) -> np.ndarray:
@@ -198,7 +169,7 @@ def evaluate(
         rates_khz: input sampling rates in kHz.
         variant: LSD variant, "field" or "authors".
         seed: seeds the low-resolution simulation (one stream per protocol, rate and file).
-        generator: a WaveUMamba from load_generator, or None for baselines only.
+        generator: a WaveUMamba from models.load_generator, or None for baselines only.
         peak: peak level the generator was trained on.
         plot: callable(name, protocol, rate_khz, signals dict) called for each condition, or None.
     Returns:
@@ -611,7 +582,7 @@ def _run(a) -> str:
         settings |= {"protocols": protocols, "rates_khz": rates}
         generator, peak = None, None
         if a.checkpoint:
-            generator, cfg, step = load_generator(a.checkpoint, a.cfgs_path)
+            generator, cfg, step = models.load_generator(a.checkpoint, a.cfgs_path)
             peak = cfg.audio.peak
             settings |= {"checkpoint": a.checkpoint, "step": step, "peak": peak}
         rows = evaluate(

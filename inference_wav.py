@@ -21,7 +21,6 @@ The four flags and the output name are those of infected4098/Wave-U-Mamba's infe
 """
 
 import argparse
-import dataclasses
 import glob
 import hashlib
 import os
@@ -35,7 +34,7 @@ from tqdm import tqdm
 
 import dataset
 import utils
-from models import WaveUMamba
+from models import WaveUMamba, load_generator
 
 SAMPLING_RATE = 48000
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -175,39 +174,6 @@ def verify_checksum(path: str, required: bool) -> None:
         )
 
 
-def _generator_state(checkpoint, path: str) -> tuple[dict, dict | None]:
-    """(state_dict without DDP prefixes, float32; config dict or None) from any checkpoint."""
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: not a checkpoint dict")
-    if "generator" in checkpoint:
-        state, config = checkpoint["generator"], checkpoint.get("config")
-    elif checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
-        state, config = checkpoint, None
-    else:
-        raise ValueError(
-            f"{path}: holds no generator (keys {sorted(checkpoint)[:6]}); "
-            "pass a g_ checkpoint or a generator state_dict"
-        )
-    state = {
-        k.removeprefix("module."): v.float() if v.is_floating_point() else v
-        for k, v in state.items()
-    }
-    return state, config
-
-
-def _load_model_config(cfgs_path, config: dict | None, checkpoint_path: str):
-    """The config from --cfgs_path, else the checkpoint, else a file beside it, else the repo."""
-    if cfgs_path is not None:
-        return utils.load_config(cfgs_path)
-    if config is not None:
-        return utils.config_from_dict(config, f"{checkpoint_path} (config)")
-    folder = os.path.dirname(os.path.abspath(checkpoint_path))
-    for name in ("config.json", "cfgs.json"):
-        if os.path.isfile(os.path.join(folder, name)):
-            return utils.load_config(os.path.join(folder, name))
-    return utils.load_config(os.path.join(HERE, "cfgs.json"))
-
-
 class SuperResolver:
     """A loaded generator that upsamples audio of any rate and layout to 48 kHz.
 
@@ -280,30 +246,7 @@ class SuperResolver:
                 )
         verify_checksum(path, required=os.path.abspath(path) == PRETRAINED_PATH)
         device = resolve_device(device)
-        state, config = _generator_state(utils.load_checkpoint(path), path)
-        cfg = _load_model_config(cfgs_path, config, path)
-        generator = WaveUMamba(**dataclasses.asdict(cfg.model), scan_impl=scan_impl)
-        # A checkpoint saved after remove_weight_norm has plain weights: match it.
-        weight_normed = any(".parametrizations.weight." in k for k in state)
-        if not weight_normed:
-            generator.remove_weight_norm()
-        expected = generator.state_dict()
-        missing = sorted(expected.keys() - state.keys())
-        unexpected = sorted(state.keys() - expected.keys())
-        reshaped = [
-            k
-            for k in expected.keys() & state.keys()
-            if expected[k].shape != state[k].shape
-        ]
-        if missing or unexpected or reshaped:
-            raise ValueError(
-                f"{path} does not fit the model of its config: {len(missing)} missing "
-                f"{missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}, "
-                f"{len(reshaped)} of another shape {sorted(reshaped)[:2]}"
-            )
-        generator.load_state_dict(state)
-        if weight_normed:
-            generator.remove_weight_norm()
+        generator, cfg, _ = load_generator(path, cfgs_path, scan_impl)
         generator.requires_grad_(False).eval().to(device)
         return cls(generator, cfg, device, chunk_seconds, overlap_seconds)
 

@@ -5,12 +5,16 @@ described in SPEC section 1. The discriminators, ResBlock1 and the weight-norm c
 follow jik876/hifi-gan (MIT).
 """
 
+import dataclasses
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
+import utils
 from ssm import Mamba
 
 LRELU_SLOPE = 0.1
@@ -451,3 +455,78 @@ class MultiScaleDiscriminator(nn.Module):
             ys.append(pool(ys[-1]))  # [B, 1, ~T / 2^i]
             y_hats.append(pool(y_hats[-1]))
         return _score_real_and_fake(self.discriminators, ys, y_hats)
+
+
+def _generator_state(checkpoint, path: str) -> tuple[dict, dict | None]:
+    """(state_dict without DDP prefixes, float32; config dict or None) from any checkpoint."""
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: not a checkpoint dict")
+    if "generator" in checkpoint:
+        state, config = checkpoint["generator"], checkpoint.get("config")
+    elif checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
+        state, config = checkpoint, None
+    else:
+        raise ValueError(
+            f"{path}: holds no generator (keys {sorted(checkpoint)[:6]}); "
+            "pass a g_ checkpoint or a generator state_dict"
+        )
+    state = {
+        k.removeprefix("module."): v.float() if v.is_floating_point() else v
+        for k, v in state.items()
+    }
+    return state, config
+
+
+def _generator_config(cfgs_path, config: dict | None, checkpoint_path: str):
+    """The config from cfgs_path, else the checkpoint, else a file beside it, else the repo."""
+    if cfgs_path is not None:
+        return utils.load_config(cfgs_path)
+    if config is not None:
+        return utils.config_from_dict(config, f"{checkpoint_path} (config)")
+    folder = os.path.dirname(os.path.abspath(checkpoint_path))
+    for name in ("config.json", "cfgs.json"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return utils.load_config(os.path.join(folder, name))
+    repo = os.path.dirname(os.path.abspath(__file__))
+    return utils.load_config(os.path.join(repo, "cfgs.json"))
+
+
+def load_generator(path: str, cfgs_path: str | None = None, scan_impl: str = "auto"):
+    """Loads a generator for inference from any of our checkpoints.
+
+    Args:
+        path: a g_ checkpoint ({"generator", "config", "step"}), possibly saved under DDP
+            ("module." prefixes), or a bare generator state_dict, with or without weight
+            norm; float16 weights are cast to float32.
+        cfgs_path: config JSON; default the checkpoint's own config, else config.json or
+            cfgs.json beside the checkpoint, else the repo's cfgs.json.
+        scan_impl: selective-scan implementation of the Mamba blocks.
+    Returns:
+        (WaveUMamba in eval mode on the CPU with weight norm removed, Config, step or None).
+        Raises ValueError with a one-line reason when the file does not fit.
+    """
+    checkpoint = utils.load_checkpoint(path)
+    state, config = _generator_state(checkpoint, path)
+    cfg = _generator_config(cfgs_path, config, path)
+    generator = WaveUMamba(**dataclasses.asdict(cfg.model), scan_impl=scan_impl)
+    # A checkpoint saved after remove_weight_norm has plain weights: match it.
+    weight_normed = any(".parametrizations.weight." in k for k in state)
+    if not weight_normed:
+        generator.remove_weight_norm()
+    expected = generator.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    reshaped = [
+        k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape
+    ]
+    if missing or unexpected or reshaped:
+        raise ValueError(
+            f"{path} does not fit the model of its config: {len(missing)} missing "
+            f"{missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}, "
+            f"{len(reshaped)} of another shape {sorted(reshaped)[:2]}"
+        )
+    generator.load_state_dict(state)
+    if weight_normed:
+        generator.remove_weight_norm()
+    step = checkpoint.get("step") if "generator" in checkpoint else None
+    return generator.eval(), cfg, step

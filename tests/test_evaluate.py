@@ -195,7 +195,7 @@ def test_checkpoint_mode_end_to_end_with_a_tiny_generator(tmp_path):
     model = [r for r in results["per_file"] if r["system"] == "model"]
     assert len(model) == 1 and results["settings"]["step"] == 7
     # The scored output is exactly what the loaded generator makes of the protocol's input.
-    generator, cfg, step = evaluate.load_generator(ckpt)
+    generator, cfg, step = models.load_generator(ckpt)
     x = evaluate.make_input(refs["a"], "sinc", 8, seed=1, index=0)
     y_hat = evaluate.run_generator(generator, x, cfg.audio.peak)
     assert y_hat.shape == x.shape and np.all(np.isfinite(y_hat))
@@ -246,7 +246,10 @@ def bad_checkpoints(tmp_path):
         (["--references", "{tmp}/list.txt"], "not found"),
         (["--references", "{refs}", "--checkpoint", "{tmp}/g_00000001"], "not found"),
         (["--references", "{refs}", "--checkpoint", "{tmp}/g_garbage"], "cannot read"),
-        (["--references", "{refs}", "--checkpoint", "{tmp}/g_nogen"], "no 'generator'"),
+        (
+            ["--references", "{refs}", "--checkpoint", "{tmp}/g_nogen"],
+            "holds no generator",
+        ),
         (["--references", "{refs}", "--protocols", "cubic"], "unknown protocol"),
         (["--references", "{refs}", "--rates", "7"], "unknown rate"),
         (["--references", "{refs}", "--rates", "8k"], "unknown rate"),
@@ -276,7 +279,7 @@ def test_checkpoint_that_does_not_fit_the_config_exits_1(tmp_path, refs_dir, cap
         )
     assert e.value.code == 1
     err = capsys.readouterr().err
-    assert "does not fit the configured model" in err and err.count("\n") == 1
+    assert "does not fit the model of its config" in err and err.count("\n") == 1
 
 
 def test_cli_process_prints_no_traceback(tmp_path):
