@@ -491,6 +491,15 @@ def _generator_config(cfgs_path, config: dict | None, checkpoint_path: str):
     return utils.load_config(os.path.join(repo, "cfgs.json"))
 
 
+def read_generator_checkpoint(path: str) -> tuple[dict, dict | None, int | None]:
+    """(float32 state_dict without DDP prefixes, config dict or None, step or None) of any
+    generator checkpoint: a g_ file, an exported model or a bare state_dict."""
+    checkpoint = utils.load_checkpoint(path)
+    state, config = _generator_state(checkpoint, path)
+    step = checkpoint.get("step") if "generator" in checkpoint else None
+    return state, config, step
+
+
 def load_generator(path: str, cfgs_path: str | None = None, scan_impl: str = "auto"):
     """Loads a generator for inference from any of our checkpoints.
 
@@ -505,8 +514,7 @@ def load_generator(path: str, cfgs_path: str | None = None, scan_impl: str = "au
         (WaveUMamba in eval mode on the CPU with weight norm removed, Config, step or None).
         Raises ValueError with a one-line reason when the file does not fit.
     """
-    checkpoint = utils.load_checkpoint(path)
-    state, config = _generator_state(checkpoint, path)
+    state, config, step = read_generator_checkpoint(path)
     cfg = _generator_config(cfgs_path, config, path)
     generator = WaveUMamba(**dataclasses.asdict(cfg.model), scan_impl=scan_impl)
     # A checkpoint saved after remove_weight_norm has plain weights: match it.
@@ -528,5 +536,4 @@ def load_generator(path: str, cfgs_path: str | None = None, scan_impl: str = "au
     generator.load_state_dict(state)
     if weight_normed:
         generator.remove_weight_norm()
-    step = checkpoint.get("step") if "generator" in checkpoint else None
     return generator.eval(), cfg, step

@@ -42,7 +42,12 @@ from losses import (
     generator_adv_loss,
 )
 from metrics import lsd
-from models import MultiPeriodDiscriminator, MultiScaleDiscriminator, WaveUMamba
+from models import (
+    MultiPeriodDiscriminator,
+    MultiScaleDiscriminator,
+    WaveUMamba,
+    read_generator_checkpoint,
+)
 
 
 @dataclasses.dataclass
@@ -221,8 +226,9 @@ def epoch_loader(run: Run) -> DataLoader:
 def train_step(run: Run, batch) -> dict[str, float]:
     """One generator update, then one update of both discriminators; advances run.step.
 
-    During the first train.generator_warmup_steps steps the generator trains on the
-    reconstruction losses alone and the discriminators do not train.
+    During the first train.discriminator_warmup_steps steps only the discriminators train (on
+    the generator's output), so that a trained generator meets trained critics; during the first
+    train.generator_warmup_steps steps only the generator trains, on the reconstruction losses.
 
     Args:
         run: the run to advance.
@@ -230,11 +236,25 @@ def train_step(run: Run, batch) -> dict[str, float]:
     Returns:
         Loss values (unweighted) and gradient norms (before clipping) as floats.
     """
-    train_cfg, loss_cfg = run.cfg.train, run.cfg.loss
+    train_cfg = run.cfg.train
     x, y = (t.to(run.device, non_blocking=True) for t in batch)
     adversarial = run.step >= train_cfg.generator_warmup_steps
-    logs = {}
+    if run.step < train_cfg.discriminator_warmup_steps:
+        with torch.no_grad():
+            y_hat = run.generator_ddp(x)  # [B, 1, T]
+        logs = {}
+    else:
+        y_hat, logs = _generator_update(run, x, y, adversarial)
+    if adversarial:
+        logs.update(_discriminator_update(run, y, y_hat.detach()))
+    run.step += 1
+    return logs
 
+
+def _generator_update(run: Run, x, y, adversarial: bool):
+    """One optimiser step of the generator; returns its output and the logs."""
+    train_cfg, loss_cfg = run.cfg.train, run.cfg.loss
+    logs = {}
     # Frozen discriminators add no weight gradients to the generator's backward. They are
     # called unwrapped: DDP would wait for gradients of frozen parameters.
     run.mpd.requires_grad_(False)
@@ -262,33 +282,30 @@ def train_step(run: Run, batch) -> dict[str, float]:
     )
     run.optim_g.step()
     logs.update(loss_g=loss_g.item(), grad_norm_g=grad_norm_g.item())
+    return y_hat, logs
 
-    if adversarial:
-        run.mpd.requires_grad_(True)
-        run.msd.requires_grad_(True)
-        y_hat = y_hat.detach()
-        mpd_real, mpd_fake, _, _ = run.mpd_ddp(y, y_hat)
-        msd_real, msd_fake, _, _ = run.msd_ddp(y, y_hat)
-        loss_mpd = discriminator_adv_loss(mpd_real, mpd_fake)
-        loss_msd = discriminator_adv_loss(msd_real, msd_fake)
-        run.optim_d.zero_grad(set_to_none=True)
-        (loss_mpd + loss_msd).backward()
-        grad_norm_mpd = nn.utils.clip_grad_norm_(
-            run.mpd.parameters(), train_cfg.grad_clip_d
-        )
-        grad_norm_msd = nn.utils.clip_grad_norm_(
-            run.msd.parameters(), train_cfg.grad_clip_d
-        )
-        run.optim_d.step()
-        logs.update(
-            loss_d=(loss_mpd + loss_msd).item(),
-            loss_mpd=loss_mpd.item(),
-            loss_msd=loss_msd.item(),
-            grad_norm_mpd=grad_norm_mpd.item(),
-            grad_norm_msd=grad_norm_msd.item(),
-        )
-    run.step += 1
-    return logs
+
+def _discriminator_update(run: Run, y, y_hat) -> dict[str, float]:
+    """One optimiser step of both discriminators on the detached output y_hat."""
+    train_cfg = run.cfg.train
+    run.mpd.requires_grad_(True)
+    run.msd.requires_grad_(True)
+    mpd_real, mpd_fake, _, _ = run.mpd_ddp(y, y_hat)
+    msd_real, msd_fake, _, _ = run.msd_ddp(y, y_hat)
+    loss_mpd = discriminator_adv_loss(mpd_real, mpd_fake)
+    loss_msd = discriminator_adv_loss(msd_real, msd_fake)
+    run.optim_d.zero_grad(set_to_none=True)
+    (loss_mpd + loss_msd).backward()
+    grad_norm_mpd = nn.utils.clip_grad_norm_(run.mpd.parameters(), train_cfg.grad_clip_d)
+    grad_norm_msd = nn.utils.clip_grad_norm_(run.msd.parameters(), train_cfg.grad_clip_d)
+    run.optim_d.step()
+    return dict(
+        loss_d=(loss_mpd + loss_msd).item(),
+        loss_mpd=loss_mpd.item(),
+        loss_msd=loss_msd.item(),
+        grad_norm_mpd=grad_norm_mpd.item(),
+        grad_norm_msd=grad_norm_msd.item(),
+    )
 
 
 def _rate_name(sampling_rate: int, ratio: int) -> str:
@@ -443,6 +460,30 @@ def resume(run: Run, checkpoint_path: str) -> bool:
     return True
 
 
+def init_generator(run: Run, path: str) -> int | None:
+    """Warm start: the generator's weights from a checkpoint; everything else stays fresh.
+
+    Unlike resume, the discriminators, optimisers, schedules, step and RNG states are those of
+    a new run, so a run can start from a shipped or exported generator.
+
+    Returns:
+        The step the generator was trained for, when the checkpoint records it.
+    """
+    state, _, step = read_generator_checkpoint(path)
+    if not any(".parametrizations.weight." in k for k in state):
+        raise ValueError(
+            f"{path}: its weights have no weight norm (saved for inference); "
+            "start from a g_ checkpoint or an exported model"
+        )
+    try:
+        run.generator.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{path} does not fit the model of this config: {str(e).splitlines()[1]}"
+        ) from None
+    return step
+
+
 def _changed_keys(old: dict, new: dict) -> list[str]:
     return [
         f"{section}.{key}"
@@ -525,7 +566,9 @@ def train(run: Run, checkpoint_path: str) -> None:
             logs = train_step(run, batch)
             run.epoch_step += 1
             progress.update()
-            progress.set_postfix(loss_g=f"{logs['loss_g']:.3f}")
+            progress.set_postfix(
+                {k: f"{logs[k]:.3f}" for k in ("loss_g", "loss_d") if k in logs}
+            )
             if is_main and run.step % train_cfg.stdout_interval == 0:
                 speed = _steps_per_second(marks, "stdout", run.step)
                 losses = " ".join(
@@ -620,6 +663,13 @@ def main(argv=None) -> None:
         help="selective-scan implementation of the Mamba blocks",
     )
     parser.add_argument(
+        "--init_generator",
+        metavar="CHECKPOINT",
+        help="start a new run from this generator (g_ file or exported model) with fresh "
+        "discriminators and optimisers; ignored when the run folder holds checkpoints, "
+        "which resume instead",
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="section.key=value",
@@ -642,11 +692,19 @@ def main(argv=None) -> None:
                 with open(tmp, "w") as f:
                     json.dump(utils.config_to_dict(cfg), f, indent=2)
         resumed = resume(run, args.checkpoint_path)
+        init_step = None
+        if args.init_generator and not resumed:
+            init_step = init_generator(run, args.init_generator)
     except (ValueError, OSError) as e:
         message = " ".join(str(e).split())
         print(f"train.py: error: {message}", file=sys.stderr)
         sys.exit(1)
     if rank == 0:
+        if resumed and args.init_generator:
+            print(f"resuming {args.checkpoint_path}: --init_generator is not used")
+        elif args.init_generator:
+            trained = f" (trained {init_step} steps)" if init_step is not None else ""
+            print(f"generator initialised from {args.init_generator}{trained}")
         n_params = sum(p.numel() for p in run.generator.parameters())
         print(
             f"{'resuming at step ' + str(run.step) if resumed else 'starting'}: "

@@ -103,9 +103,8 @@ class TrainConfig:
     grad_clip_g: float
     grad_clip_d: float
     epochs: int
-    generator_warmup_steps: (
-        int  # steps on reconstruction losses only, before the GAN starts
-    )
+    generator_warmup_steps: int  # steps on reconstruction losses only, before the GAN
+    discriminator_warmup_steps: int  # steps training only the discriminators, first
     seed: int
     stdout_interval: int
     summary_interval: int
@@ -113,6 +112,14 @@ class TrainConfig:
     checkpoint_interval: int
     keep_checkpoints: int
     early_stop_patience: int  # validations without improvement before stopping
+
+    def __post_init__(self):
+        if self.generator_warmup_steps > 0 and self.discriminator_warmup_steps > 0:
+            raise ValueError(
+                "train.generator_warmup_steps and train.discriminator_warmup_steps "
+                "cannot both be set: one warms up a new generator, the other new "
+                "discriminators for a trained one"
+            )
 
 
 @dataclass(frozen=True)

@@ -201,6 +201,62 @@ def test_generator_warmup_leaves_discriminators_alone_and_lowers_the_loss(
     assert all(_params_changed(mpd_before, run.mpd))
 
 
+def test_discriminator_warmup_leaves_generator_alone(data, tiny_discriminators):
+    overrides = ["train.discriminator_warmup_steps=2"]
+    cfg = utils.load_config("cfgs.json", TINY + data + overrides)
+    run = train.build(cfg)
+    batch = _batch(run)
+    g_before, mpd_before = _state(run.generator), _state(run.mpd)
+    for _ in range(2):
+        logs = train.train_step(run, batch)
+        assert "loss_g" not in logs and "loss_d" in logs
+    assert not any(_params_changed(g_before, run.generator))
+    assert all(_params_changed(mpd_before, run.mpd))
+    logs = train.train_step(run, batch)  # step 3: the generator joins
+    assert {"loss_g", "g_adv", "loss_d"} <= logs.keys()
+    assert all(_params_changed(g_before, run.generator))
+
+
+def test_both_warmups_are_refused(data):
+    overrides = ["train.discriminator_warmup_steps=2", "train.generator_warmup_steps=2"]
+    with pytest.raises(ValueError, match="cannot both be set"):
+        utils.load_config("cfgs.json", TINY + data + overrides)
+
+
+def test_init_generator_starts_fresh_from_trained_weights(data, tmp_path):
+    # A finished run's g_ file seeds a new run: same generator, fresh everything else;
+    # in a folder that already holds checkpoints, resume wins and the option is unused.
+    config = ["--config", "cfgs.json"]
+    overrides = TINY + data + ["train.epochs=1", "train.validation_interval=100"]
+    first = tmp_path / "first"
+    done = _run_train([*config, "--checkpoint_path", str(first), *overrides])
+    assert done.wait(timeout=300) == 0, done.stderr.read()
+    trained = utils.load_checkpoint(str(first / "g_00000002"))["generator"]
+
+    cfg = utils.load_config("cfgs.json", overrides)
+    run = train.build(cfg)
+    assert train.init_generator(run, str(first / "g_00000002")) == 2
+    assert run.step == 0 and run.optim_g.state == {}
+    state = run.generator.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in trained.items())
+
+    second = tmp_path / "second"
+    warm = [*config, "--checkpoint_path", str(second), "--init_generator"]
+    done = _run_train([*warm, str(first / "g_00000002"), *overrides])
+    assert done.wait(timeout=300) == 0, done.stderr.read()
+    assert "generator initialised from" in done.stdout.read()
+    again = _run_train([*warm, str(first / "g_00000002"), *overrides])
+    assert again.wait(timeout=300) == 0, again.stderr.read()
+    assert "--init_generator is not used" in again.stdout.read()
+
+
+def test_init_generator_refuses_another_model(data, tmp_path):
+    cfg = utils.load_config("cfgs.json", TINY + data)
+    run = train.build(cfg)
+    with pytest.raises(ValueError, match="does not fit the model of this config"):
+        train.init_generator(run, "checkpoints/wave_u_mamba_vctk_cpu.pt")
+
+
 def test_epochs_reshuffle_and_redraw(data, tiny_discriminators):
     cfg = utils.load_config("cfgs.json", TINY + data)
     run = train.build(cfg)
