@@ -25,6 +25,7 @@ import glob
 import hashlib
 import os
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import scipy.signal
@@ -256,6 +257,7 @@ class SuperResolver:
         sr: int,
         input_sr: int | str | None = None,
         keep_lowband: bool = False,
+        progress: Callable[[float], None] | None = None,
     ) -> tuple[np.ndarray, int]:
         """Super-resolves one clip to 48 kHz.
 
@@ -268,6 +270,8 @@ class SuperResolver:
                 `detect_bandwidth`. Only `keep_lowband` uses it.
             keep_lowband: keep the input's own content below its bandwidth and take only the
                 band above from the model (see `restore_lowband`).
+            progress: called with the fraction done (0-1) after each generator pass; an
+                exception it raises stops the work and propagates (how serve.py cancels).
         Returns:
             (audio_48k, 48000): float32 numpy array in the layout of `audio`, of duration
             round(T * 48000 / sr) samples. Levels are restored, so samples may exceed 1.
@@ -289,7 +293,13 @@ class SuperResolver:
         n_out = round(x.shape[-1] * SAMPLING_RATE / sr)
         resampled = dataset.resample(x, sr, SAMPLING_RATE)[:, :n_out]
         x48 = np.pad(resampled, ((0, 0), (0, n_out - resampled.shape[1])))
-        y48 = np.stack([self._generate(channel) for channel in x48])
+        report = progress or (lambda fraction: None)
+        y48 = np.stack(
+            [
+                self._generate(channel, lambda done, c=c: report((c + done) / len(x48)))
+                for c, channel in enumerate(x48)
+            ]
+        )
         if keep_lowband:
             y48 = np.stack([restore_lowband(a, b, cutoff) for a, b in zip(x48, y48)])
         return (y48[0] if np.ndim(audio) == 1 else y48), SAMPLING_RATE
@@ -322,8 +332,11 @@ class SuperResolver:
             raise ValueError("audio is silent (all samples are zero)")
         return x
 
-    def _generate(self, x: np.ndarray) -> np.ndarray:
-        """The generator's output for one 48 kHz channel [T], at the channel's own level."""
+    def _generate(
+        self, x: np.ndarray, report: Callable[[float], None] = lambda done: None
+    ) -> np.ndarray:
+        """The generator's output for one 48 kHz channel [T], at the channel's own level;
+        `report` gets the fraction of the channel done after each generator pass."""
         peak = np.abs(x).max()
         # a silent channel of a multichannel file stays silent
         if not peak > 0:
@@ -331,7 +344,9 @@ class SuperResolver:
         gain = self.peak / peak
         x = x * gain
         if self.chunk is None or len(x) <= self.chunk:
-            return self._forward(x) / gain
+            y = self._forward(x)
+            report(1.0)
+            return y / gain
         # Chunks overlap by self.overlap samples and are cross-faded with sin^2 / cos^2, which
         # sum to one: both chunks estimate the same signal, so amplitudes (not powers) must
         # add up. Every chunk but the first starts with a fade-in, which also hides the Mamba
@@ -348,6 +363,7 @@ class SuperResolver:
             if end < len(x):
                 piece[-self.overlap :] *= 1 - fade_in
             y[start:end] += piece
+            report(end / len(x))
         return y / gain
 
     @torch.inference_mode()
