@@ -376,9 +376,14 @@ def _log_audio(run: Run, writer: SummaryWriter, tag: str, x, y, y_hat) -> None:
 
 
 def _rng_states() -> dict:
+    """Every RNG state as tensors and plain values, which a weights-only load accepts."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(
+        numpy_state["state"]["key"].astype(np.int64)
+    )
     states = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),  # a tuple of ints and a float or None
+        "numpy": numpy_state,
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -388,7 +393,10 @@ def _rng_states() -> dict:
 
 def _set_rng_states(states: dict) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    numpy_state = dict(states["numpy"])
+    numpy_state["state"] = dict(numpy_state["state"])
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(numpy_state)
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

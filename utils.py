@@ -9,6 +9,7 @@ import dataclasses
 import glob
 import json
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -284,13 +285,29 @@ def save_checkpoint(path: str, obj: dict) -> None:
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """torch.load of one of our checkpoints; ValueError if it is missing or unreadable."""
+    """torch.load of one of our checkpoints, restricted to tensors and plain Python values.
+
+    weights_only=True: unpickling anything else (a class, a function) could run code hidden in
+    the file, so such a file is refused rather than loaded.
+
+    Raises:
+        ValueError: one line, if the file is missing, unreadable or holds more than weights.
+    """
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+        # The weights-only unpickler names the class or function it would have had to import.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if isinstance(e, pickle.UnpicklingError) and found:
+            raise ValueError(
+                f"refusing to load {path}: it holds {found.group(1)}, not only tensors and "
+                "plain values, and unpickling it could run code"
+            ) from None
+        reason = str(e).split("WeightsUnpickler error:")[-1].split("Check the doc")[0]
+        reason = " ".join(reason.split()) or f"{type(e).__name__}, empty or truncated"
+        raise ValueError(f"cannot read checkpoint {path}: {reason}") from None
 
 
 def _numbered_checkpoints(directory: str, prefix: str) -> list[str]:

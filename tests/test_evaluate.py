@@ -16,6 +16,7 @@ import evaluate
 import metrics
 import models
 import utils
+from test_utils import booby_trap
 
 SR = 48000
 
@@ -292,3 +293,14 @@ def test_cli_process_prints_no_traceback(tmp_path):
     assert run.returncode == 1
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
     assert run.stdout == ""
+
+
+def test_pickled_code_in_a_checkpoint_never_runs(tmp_path, refs_dir, capsys):
+    marker = tmp_path / "payload_ran"
+    good = utils.load_checkpoint(tiny_checkpoint(tmp_path))
+    trap = booby_trap(tmp_path / "g_trap", good, marker)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--references", refs_dir, "--checkpoint", trap])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "refusing to load" in err
+    assert not marker.exists()

@@ -6,6 +6,7 @@ import pytest
 import export_model
 from inference_wav import SuperResolver
 from test_inference import save_g, tiny_generator
+from test_utils import booby_trap
 
 
 def test_export_loads_checks_digest_and_matches_float32(tmp_path):
@@ -40,3 +41,16 @@ def test_export_rejects_a_non_generator_checkpoint(tmp_path, capsys):
         == 1
     )
     assert "not a g_ checkpoint" in capsys.readouterr().err
+
+
+def test_export_refuses_pickled_code(tmp_path, capsys):
+    marker = tmp_path / "payload_ran"
+    good = save_g(tmp_path / "g_00000007", *tiny_generator())
+    checkpoint = export_model.utils.load_checkpoint(good)
+    trap = booby_trap(tmp_path / "g_trap", checkpoint, marker)
+    code = export_model.main(
+        ["--checkpoint_file", trap, "--output", str(tmp_path / "x.pt")]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "refusing to load" in err
+    assert not marker.exists() and not (tmp_path / "x.pt").exists()

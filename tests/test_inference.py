@@ -25,6 +25,7 @@ import inference_wav
 import utils
 from inference_wav import SuperResolver
 from models import WaveUMamba
+from test_utils import booby_trap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEECH = os.path.join(ROOT, "..", "shared", "data", "valid", "p234_012_svgan.wav")
@@ -492,3 +493,25 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
         with pytest.raises(ValueError, match=message) as info:
             SuperResolver.from_pretrained(str(tmp_path / name), device="cpu")
         assert "\n" not in str(info.value)
+
+
+def test_pickled_code_in_a_checkpoint_never_runs(tmp_path, ckpt, capsys):
+    # a working copy of a good checkpoint with a payload added: refused, never run
+    marker = tmp_path / "payload_ran"
+    trap = booby_trap(tmp_path / "g_trap", utils.load_checkpoint(ckpt), marker)
+    with pytest.raises(ValueError, match="refusing to load") as info:
+        SuperResolver.from_pretrained(trap, device="cpu")
+    assert "\n" not in str(info.value)
+    sf.write(tmp_path / "a.wav", noise(0.05), 48000)
+    code = inference_wav.main(
+        ["--wav_path", str(tmp_path / "a.wav"), "--output_dir", str(tmp_path / "out")]
+        + ["--checkpoint_file", trap, "--device", "cpu"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.splitlines()) == 1 and "refusing to load" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_shipped_model_loads_as_weights_only():
+    checkpoint = torch.load(inference_wav.PRETRAINED_PATH, weights_only=True)
+    assert {"generator", "config", "step"} <= checkpoint.keys()

@@ -8,6 +8,7 @@ weight and spectral norms, so that they run in seconds.
 """
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
 import train
 import utils
+from test_utils import booby_trap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
@@ -402,7 +404,9 @@ def test_two_ddp_processes_stay_identical(data, tmp_path):
     mp.spawn(
         _ddp_worker, args=(_free_port(), overrides, str(tmp_path)), nprocs=2, join=True
     )
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [
+        torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)
+    ]
     # Different data in each process: without gradient averaging the weights would differ.
     assert ranks[0]["indices"] != ranks[1]["indices"]
     for name in ("generator", "mpd", "msd"):
@@ -454,3 +458,33 @@ def test_startup_error_exit_code_without_traceback(tmp_path):
     assert process.stderr.strip().splitlines() == [
         "train.py: error: cfgs.json: unknown key 'train.lr' in override 'train.lr=1'"
     ]
+
+
+def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    # Both Python and NumPy cache the second value of a Gaussian pair in their state.
+    random.gauss(0, 1)
+    np.random.standard_normal()
+    utils.save_checkpoint(str(tmp_path / "rng"), {"rng": train._rng_states()})
+    expected = (random.gauss(0, 1), np.random.standard_normal(3), torch.rand(3))
+    utils.seed_everything(0)
+    train._set_rng_states(utils.load_checkpoint(str(tmp_path / "rng"))["rng"])
+    assert random.gauss(0, 1) == expected[0]
+    assert np.array_equal(np.random.standard_normal(3), expected[1])
+    assert torch.equal(torch.rand(3), expected[2])
+
+
+def test_resume_refuses_pickled_code(data, tiny_discriminators, tmp_path, capsys):
+    # a do_ file dropped into a run folder is the newest checkpoint: resume must not run it
+    folder = tmp_path / "run"
+    folder.mkdir()
+    marker = tmp_path / "payload_ran"
+    booby_trap(folder / "do_00000001", {"step": 1}, marker)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--checkpoint_path", str(folder)] + TINY + data)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "refusing to load" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not marker.exists()

@@ -121,6 +121,34 @@ def test_load_checkpoint_errors(tmp_path):
         utils.load_checkpoint(str(bad))
 
 
+class MakeDirectoryWhenUnpickled:
+    """A harmless stand-in for code hidden in a checkpoint: unpickling it creates a folder."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def booby_trap(path, checkpoint: dict, marker) -> str:
+    """Saves `checkpoint` plus a payload that creates the folder `marker` if it ever runs."""
+    torch.save({**checkpoint, "payload": MakeDirectoryWhenUnpickled(marker)}, path)
+    return str(path)
+
+
+def test_load_checkpoint_refuses_pickled_code(tmp_path):
+    marker = tmp_path / "payload_ran"
+    path = booby_trap(tmp_path / "g_00000001", {"step": 1}, marker)
+    with pytest.raises(ValueError, match=r"refusing to load .*g_00000001") as info:
+        utils.load_checkpoint(path)
+    assert "\n" not in str(info.value) and "posix.mkdir" in str(info.value)
+    assert not marker.exists()
+    # the trap is real: an unrestricted torch.load runs it
+    torch.load(path, weights_only=False)
+    assert marker.is_dir()
+
+
 def test_seed_everything_repeats_draws():
     utils.seed_everything(3)
     a = torch.rand(3)
