@@ -25,6 +25,8 @@ import soxr
 import torch
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+# soxr quality of `resample` and of inference's stream resampler (stream.py)
+RESAMPLE_QUALITY = "VHQ"
 PROTOCOLS = ("authors", "random", "nuwave2", "sinc", "stft")
 FILELISTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "filelists")
 VCTK_LAYOUTS = {
@@ -48,30 +50,52 @@ def load_audio(path: str) -> tuple[np.ndarray, int]:
         empty, or holds NaN/Inf samples. (An OGG file stores no length, so one cut short
         loads as a shorter clip.)
     """
+    ((sr, x),) = read_audio_blocks(path, None)
+    return x, sr
+
+
+def read_audio_blocks(path: str, frames: int | None):
+    """`load_audio` in blocks, with the same checks, so long files never sit in memory.
+
+    Args:
+        path: audio file.
+        frames: samples per block (the last may be shorter); None reads the file at once.
+    Yields:
+        (sr, block): sr in Hz, block float32 [channels, n]. Raises ValueError as
+        `load_audio` does; truncation and emptiness show at the end of the file.
+    """
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such audio file")
     try:
         with sf.SoundFile(path) as f:
             sr, declared = f.samplerate, f.frames
-            log = f.extra_info
-            x = f.read(dtype="float32", always_2d=True)
+            # libsndfile silently shortens a WAV whose data chunk is cut off and only logs
+            # it; 0 and 0xFFFFFFFF are the placeholders of streamed files, not truncation.
+            truncation = r"^data\s*:\s*(\d+) \(should be (\d+)\)"
+            for claimed, actual in re.findall(truncation, f.extra_info, re.M):
+                if int(claimed) > int(actual) and int(claimed) not in (0, 0xFFFFFFFF):
+                    raise ValueError(
+                        f"{path}: truncated ({actual} of {claimed} data bytes)"
+                    )
+            total = 0
+            while True:
+                x = f.read(-1 if frames is None else frames, "float32", always_2d=True)
+                if x.shape[0] == 0:
+                    break
+                if not np.all(np.isfinite(x)):
+                    raise ValueError(f"{path}: contains NaN or Inf samples")
+                total += x.shape[0]
+                yield sr, np.ascontiguousarray(x.T)
+                if frames is None:
+                    break
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise ValueError(
             f"{path}: not a readable audio file, or truncated/corrupt ({e})"
         ) from None
-    # libsndfile silently shortens a WAV whose data chunk is cut off and only logs it;
-    # 0 and 0xFFFFFFFF are the placeholders of streamed files, not truncation.
-    truncation = r"^data\s*:\s*(\d+) \(should be (\d+)\)"
-    for claimed, actual in re.findall(truncation, log, re.M):
-        if int(claimed) > int(actual) and int(claimed) not in (0, 0xFFFFFFFF):
-            raise ValueError(f"{path}: truncated ({actual} of {claimed} data bytes)")
-    if x.shape[0] < declared:
-        raise ValueError(f"{path}: truncated ({x.shape[0]} of {declared} frames)")
-    if x.size == 0:
+    if total < declared:
+        raise ValueError(f"{path}: truncated ({total} of {declared} frames)")
+    if total == 0:
         raise ValueError(f"{path}: empty audio file")
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"{path}: contains NaN or Inf samples")
-    return np.ascontiguousarray(x.T), sr
 
 
 def resample(x: np.ndarray, sr_in: float, sr_out: float) -> np.ndarray:
@@ -87,10 +111,12 @@ def resample(x: np.ndarray, sr_in: float, sr_out: float) -> np.ndarray:
     if sr_in == sr_out:
         return x.copy()
     if x.ndim == 1:
-        return soxr.resample(x, sr_in, sr_out, quality="VHQ")
+        return soxr.resample(x, sr_in, sr_out, quality=RESAMPLE_QUALITY)
     flat = x.reshape(-1, x.shape[-1])
     # soxr wants [T, channels].
-    out = soxr.resample(np.ascontiguousarray(flat.T), sr_in, sr_out, quality="VHQ")
+    out = soxr.resample(
+        np.ascontiguousarray(flat.T), sr_in, sr_out, quality=RESAMPLE_QUALITY
+    )
     return np.ascontiguousarray(out.T).reshape(*x.shape[:-1], -1)
 
 
