@@ -5,11 +5,15 @@ Parameter names, shapes and initialisation follow state-spaces/mamba (Apache-2.0
 
 All scan implementations share one signature and shape convention (those of mamba_ssm's
 `selective_scan_fn`):
-    u, delta, z: [B, D, L]; A: [D, N]; B, C: [B, N, L]; D, delta_bias: [D]; returns y [B, D, L],
+    u, delta, z: [B, D, L]; A: [D, N]; B, C: [B, N, L]; D, delta_bias: [D];
+    initial_state: [B, D, N] or None; returns y [B, D, L], or (y, last_state [B, D, N]) with
+    return_last_state,
 with, per batch b and channel d (state size N):
     dt_t = softplus(delta_t + delta_bias) if delta_softplus else delta_t + delta_bias
-    h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,   h_{-1} = 0
-    y_t = C_t . h_t + D * u_t,   then y_t *= silu(z_t) when z is given.
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,   h_{-1} = initial_state (default 0)
+    y_t = C_t . h_t + D * u_t,   then y_t *= silu(z_t) when z is given;   last_state = h_{L-1}.
+So a sequence scanned in pieces, each starting from the last state of the one before, gives
+the same y as one scan of the whole.
 
 Implementations, top to bottom: `selective_scan_ref` (the oracle), the plain PyTorch loop
 ("torch"), the compiled CPU kernel ("compiled"), mamba_ssm's CUDA kernel ("cuda"), then the one
@@ -40,7 +44,17 @@ import torch.nn.functional as F
 
 
 def selective_scan_ref(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    return_last_state=False,
 ):
     """The scan as an obvious sequential loop: the oracle for every other implementation.
 
@@ -49,7 +63,7 @@ def selective_scan_ref(
     dt = delta if delta_bias is None else delta + delta_bias[:, None]
     if delta_softplus:
         dt = F.softplus(dt)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    h = _start_state(u, A, initial_state)
     ys = []
     # unbind, not indexing: each indexed step would cost a full-size gradient in backward
     steps = zip(dt.unbind(-1), B.unbind(-1), C.unbind(-1), u.unbind(-1))
@@ -61,11 +75,33 @@ def selective_scan_ref(
         y = y + D[:, None] * u
     if z is not None:
         y = y * F.silu(z)
-    return y
+    return (y, h) if return_last_state else y
+
+
+def _start_state(u, A, initial_state):
+    # h_{-1} [B, D, N] in the dtype of u: the given state, else zeros
+    shape = (u.shape[0], u.shape[1], A.shape[1])
+    if initial_state is None:
+        return u.new_zeros(shape)
+    if tuple(initial_state.shape) != shape:
+        raise ValueError(
+            f"initial_state must be [B, D, N] = {list(shape)}, got {list(initial_state.shape)}"
+        )
+    return initial_state.to(u.dtype)
 
 
 def _selective_scan_torch(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    return_last_state=False,
 ):
     # The exponentials and inputs for all steps are computed at once so the time loop holds
     # only the recurrence. Steps are unbound and outputs collected in a list: indexing a step
@@ -77,7 +113,7 @@ def _selective_scan_torch(
     dA = torch.exp(dt[..., None] * A)  # [B, L, D, N]
     dBu = (dt * u.transpose(1, 2))[..., None] * B.transpose(1, 2)[:, :, None, :]
     Ct = C.transpose(1, 2)  # [B, L, N]
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    h = _start_state(u, A, initial_state)
     ys = []
     for dA_t, dBu_t, C_t in zip(dA.unbind(1), dBu.unbind(1), Ct.unbind(1)):
         h = dA_t * h + dBu_t
@@ -87,7 +123,7 @@ def _selective_scan_torch(
         y = y + D[:, None] * u
     if z is not None:
         y = y * F.silu(z)
-    return y
+    return (y, h) if return_last_state else y
 
 
 _KERNEL_SOURCE = r"""
@@ -177,15 +213,17 @@ void parallel_for(int64_t n_tasks, int n_threads, F fn) {
 template <typename T>
 struct Scan {
   const T *u, *dt, *A, *B, *C, *D;  // [b,d,L] [b,d,L] [d,N] [b,L,N] [b,L,N] [d]
+  const T* h0;                      // [b,d,N] initial state, or null for zeros
   int64_t nb, nd, L, N, K;          // batch, channels, length, states, checkpoint interval
   int64_t n_chunks() const { return (L + K - 1) / K; }
 };
 
 // NS > 0 fixes the state size at compile time (full vectorisation); NS == 0 reads it at run time.
 template <typename T, int NS>
-void forward_channel(const Scan<T>& s, int64_t bd, T* out, double* hs) {
+void forward_channel(const Scan<T>& s, int64_t bd, T* out, double* hs, T* last) {
   const int64_t N = NS > 0 ? NS : s.N, L = s.L, b = bd / s.nd, d = bd % s.nd;
   std::vector<double> hv(N, 0.0), ev(N);
+  if (s.h0 != nullptr) std::copy(s.h0 + bd * N, s.h0 + (bd + 1) * N, hv.begin());
   std::vector<float> mv(N);
   double* __restrict h = hv.data();
   double* __restrict e = ev.data();
@@ -207,12 +245,15 @@ void forward_channel(const Scan<T>& s, int64_t bd, T* out, double* hs) {
     }
     out[bd * L + t] = static_cast<T>(y + Dv * u[t]);
   }
+  std::copy(h, h + N, last + bd * N);
 }
 
-// Channels [d0, d1) of batch item b. gB, gC are this task's own [L, N] partial sums.
+// Channels [d0, d1) of batch item b. gB, gC are this task's own [L, N] partial sums. glast
+// (the last state's gradient) and gh0 (the initial state's) may be null.
 template <typename T, int NS>
 void backward_group(const Scan<T>& s, int64_t b, int64_t d0, int64_t d1, const double* hs,
-                    const T* gout, T* gu, T* gdt, double* gA, double* gD, T* gB, T* gC) {
+                    const T* gout, const T* glast, T* gu, T* gdt, double* gA, double* gD,
+                    T* gB, T* gC, T* gh0) {
   const int64_t N = NS > 0 ? NS : s.N, L = s.L, K = s.K;
   std::vector<double> buf(2 * K * N + 5 * N);
   double* __restrict hbuf = buf.data();  // states of the current chunk [K, N]
@@ -235,7 +276,7 @@ void backward_group(const Scan<T>& s, int64_t b, int64_t d0, int64_t d1, const d
     const double Dv = s.D[d];
     for (int64_t n = 0; n < N; ++n) {
       a[n] = s.A[d * N + n];
-      gh[n] = 0.0;
+      gh[n] = glast != nullptr ? static_cast<double>(glast[bd * N + n]) : 0.0;
       gAacc[n] = 0.0;
     }
     double gDacc = 0.0;
@@ -277,32 +318,34 @@ void backward_group(const Scan<T>& s, int64_t b, int64_t d0, int64_t d1, const d
       }
     }
     for (int64_t n = 0; n < N; ++n) gA[bd * N + n] = gAacc[n];
+    if (gh0 != nullptr)
+      for (int64_t n = 0; n < N; ++n) gh0[bd * N + n] = static_cast<T>(gh[n]);
     gD[bd] = gDacc;
   }
 }
 
 template <typename T>
-void forward(const Scan<T>& s, T* out, double* hs, int n_threads) {
+void forward(const Scan<T>& s, T* out, double* hs, T* last, int n_threads) {
   parallel_for(s.nb * s.nd, n_threads, [&](int64_t bd) {
     if (s.N == 16)
-      forward_channel<T, 16>(s, bd, out, hs);
+      forward_channel<T, 16>(s, bd, out, hs, last);
     else
-      forward_channel<T, 0>(s, bd, out, hs);
+      forward_channel<T, 0>(s, bd, out, hs, last);
   });
 }
 
 template <typename T>
-void backward(const Scan<T>& s, int64_t G, const double* hs, const T* gout, T* gu, T* gdt,
-              double* gA, double* gD, T* gB, T* gC, int n_threads) {
+void backward(const Scan<T>& s, int64_t G, const double* hs, const T* gout, const T* glast,
+              T* gu, T* gdt, double* gA, double* gD, T* gB, T* gC, T* gh0, int n_threads) {
   parallel_for(s.nb * G, n_threads, [&](int64_t task) {
     const int64_t b = task / G, g = task % G;
     const int64_t d0 = g * s.nd / G, d1 = (g + 1) * s.nd / G;
     T* gBp = gB + task * s.L * s.N;
     T* gCp = gC + task * s.L * s.N;
     if (s.N == 16)
-      backward_group<T, 16>(s, b, d0, d1, hs, gout, gu, gdt, gA, gD, gBp, gCp);
+      backward_group<T, 16>(s, b, d0, d1, hs, gout, glast, gu, gdt, gA, gD, gBp, gCp, gh0);
     else
-      backward_group<T, 0>(s, b, d0, d1, hs, gout, gu, gdt, gA, gD, gBp, gCp);
+      backward_group<T, 0>(s, b, d0, d1, hs, gout, glast, gu, gdt, gA, gD, gBp, gCp, gh0);
   });
 }
 
@@ -380,18 +423,19 @@ void conv_silu_backward(const T* x, const T* w, const T* bias, const T* gout, in
 
 #define SCAN_API(T, SUFFIX)                                                                     \
   extern "C" void scan_fwd_##SUFFIX(const T* u, const T* dt, const T* A, const T* B,          \
-                                     const T* C, const T* D, int64_t nb, int64_t nd,           \
-                                     int64_t L, int64_t N, int64_t K, T* out, double* hs,      \
-                                     int n_threads) {                                          \
-    forward(Scan<T>{u, dt, A, B, C, D, nb, nd, L, N, K}, out, hs, n_threads);                  \
+                                     const T* C, const T* D, const T* h0, int64_t nb,          \
+                                     int64_t nd, int64_t L, int64_t N, int64_t K, T* out,      \
+                                     double* hs, T* last, int n_threads) {                     \
+    forward(Scan<T>{u, dt, A, B, C, D, h0, nb, nd, L, N, K}, out, hs, last, n_threads);        \
   }                                                                                            \
   extern "C" void scan_bwd_##SUFFIX(const T* u, const T* dt, const T* A, const T* B,          \
                                      const T* C, const T* D, int64_t nb, int64_t nd,           \
                                      int64_t L, int64_t N, int64_t K, int64_t G,               \
-                                     const double* hs, const T* gout, T* gu, T* gdt,           \
-                                     double* gA, double* gD, T* gB, T* gC, int n_threads) {    \
-    backward(Scan<T>{u, dt, A, B, C, D, nb, nd, L, N, K}, G, hs, gout, gu, gdt, gA, gD, gB,   \
-             gC, n_threads);                                                                   \
+                                     const double* hs, const T* gout, const T* glast, T* gu,   \
+                                     T* gdt, double* gA, double* gD, T* gB, T* gC, T* gh0,     \
+                                     int n_threads) {                                          \
+    backward(Scan<T>{u, dt, A, B, C, D, nullptr, nb, nd, L, N, K}, G, hs, gout, glast, gu,     \
+             gdt, gA, gD, gB, gC, gh0, n_threads);                                             \
   }
 
 #define CONV_API(T, SUFFIX)                                                                     \
@@ -460,9 +504,9 @@ def _load_kernel():
         raise RuntimeError(_kernel_error) from e
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for suffix in ("f32", "f64"):
-        getattr(lib, f"scan_fwd_{suffix}").argtypes = [p] * 6 + [i64] * 5 + [p, p, i32]
+        getattr(lib, f"scan_fwd_{suffix}").argtypes = [p] * 7 + [i64] * 5 + [p] * 3 + [i32]
         getattr(lib, f"scan_bwd_{suffix}").argtypes = (
-            [p] * 6 + [i64] * 6 + [p] * 8 + [i32]
+            [p] * 6 + [i64] * 6 + [p] * 10 + [i32]
         )
         getattr(lib, f"conv_fwd_{suffix}").argtypes = [p] * 3 + [i64] * 4 + [p, i32]
         getattr(lib, f"conv_bwd_{suffix}").argtypes = (
@@ -477,45 +521,48 @@ def _ptr(t):
 
 
 class _CompiledScan(torch.autograd.Function):
-    # y = scan(u, dt, A, B, C) + D * u on contiguous CPU tensors of one dtype;
-    # u, dt: [B, D, L]; A: [D, N]; B, C: [B, L, N] (time-major: one row per step); D: [D].
+    # (y, last_state) = scan(u, dt, A, B, C, h0) + D * u on contiguous CPU tensors of one dtype;
+    # u, dt: [B, D, L]; A: [D, N]; B, C: [B, L, N] (time-major: one row per step); D: [D];
+    # h0: [B, D, N] or None (zeros).
 
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, D):
+    def forward(ctx, u, dt, A, B, C, D, h0):
         lib = _load_kernel()
         nb, nd, length = u.shape
         n_state = A.shape[1]
         suffix = "f32" if u.dtype == torch.float32 else "f64"
         out = torch.empty_like(u)
+        last = u.new_empty(nb, nd, n_state)
         hs = None
         if any(ctx.needs_input_grad):
             n_chunks = -(-length // _CHUNK)
             hs = u.new_empty(nb, nd, n_chunks, n_state, dtype=torch.float64)
         getattr(lib, f"scan_fwd_{suffix}")(
-            *map(_ptr, (u, dt, A, B, C, D)),
+            *map(_ptr, (u, dt, A, B, C, D, h0)),
             nb,
             nd,
             length,
             n_state,
             _CHUNK,
-            _ptr(out),
-            _ptr(hs),
+            *map(_ptr, (out, hs, last)),
             torch.get_num_threads(),
         )
+        # the backward reads the initial state from hs (the first stored state)
         ctx.save_for_backward(u, dt, A, B, C, D, hs)
-        return out
+        return out, last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gout):
+    def backward(ctx, gout, glast):
         u, dt, A, B, C, D, hs = ctx.saved_tensors
         lib = _load_kernel()
         nb, nd, length = u.shape
         n_state = A.shape[1]
         groups = min(nd, max(1, -(-_TASKS // nb)))
         suffix = "f32" if u.dtype == torch.float32 else "f64"
-        gout = gout.contiguous()
+        gout, glast = gout.contiguous(), glast.contiguous()
         gu, gdt = torch.empty_like(u), torch.empty_like(u)
+        gh0 = torch.empty_like(glast) if ctx.needs_input_grad[6] else None
         gA = u.new_empty(nb, nd, n_state, dtype=torch.float64)
         gD = u.new_empty(nb, nd, dtype=torch.float64)
         gB = u.new_empty(nb, groups, length, n_state)
@@ -528,7 +575,7 @@ class _CompiledScan(torch.autograd.Function):
             n_state,
             _CHUNK,
             groups,
-            *map(_ptr, (hs, gout, gu, gdt, gA, gD, gB, gC)),
+            *map(_ptr, (hs, gout, glast, gu, gdt, gA, gD, gB, gC, gh0)),
             torch.get_num_threads(),
         )
         return (
@@ -538,11 +585,22 @@ class _CompiledScan(torch.autograd.Function):
             gB.sum(1),
             gC.sum(1),
             gD.sum(0).to(u.dtype),
+            gh0,
         )
 
 
 def _selective_scan_compiled(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    return_last_state=False,
 ):
     if u.device.type != "cpu":
         raise ValueError(
@@ -557,17 +615,20 @@ def _selective_scan_compiled(
         dt = F.softplus(dt)
     if D is None:
         D = u.new_zeros(u.shape[1])
-    y = _CompiledScan.apply(
+    if initial_state is not None:
+        initial_state = _start_state(u, A, initial_state).contiguous()
+    y, last_state = _CompiledScan.apply(
         u.contiguous(),
         dt.to(u.dtype).contiguous(),
         A.to(u.dtype).contiguous(),
         B.to(u.dtype).transpose(1, 2).contiguous(),
         C.to(u.dtype).transpose(1, 2).contiguous(),
         D.to(u.dtype).contiguous(),
+        initial_state,
     )
     if z is not None:
         y = y * F.silu(z)
-    return y
+    return (y, last_state) if return_last_state else y
 
 
 class _CompiledConvSiLU(torch.autograd.Function):
@@ -647,11 +708,28 @@ def _cuda_kernels_error(x):
 
 
 def _selective_scan_cuda(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    return_last_state=False,
 ):
+    if initial_state is not None:
+        raise ValueError(
+            "impl='cuda' (mamba_ssm's selective_scan_fn) takes no initial_state: "
+            "use impl='torch' on the GPU to continue a scan"
+        )
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
-    return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return selective_scan_fn(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+    )
 
 
 _fallback_reported = False
@@ -703,6 +781,8 @@ def selective_scan(
     delta_bias=None,
     delta_softplus=False,
     impl="auto",
+    initial_state=None,
+    return_last_state=False,
 ):
     """Selective state-space scan (mamba_ssm's `selective_scan_fn` semantics).
 
@@ -717,11 +797,26 @@ def selective_scan(
         delta_softplus: apply softplus to delta + delta_bias.
         impl: "auto" (cuda kernels on GPU when mamba_ssm imports, else the compiled CPU kernel,
             else "torch" with one note on stderr), "ref", "torch", "compiled" or "cuda".
+        initial_state: the state h_{-1} [B, D, N] the scan starts from, or None for zeros
+            (not with impl "cuda"); gradients flow into it.
+        return_last_state: also return the state after the last step.
     Returns:
-        y [B, D, L] in the dtype of u.
+        y [B, D, L] in the dtype of u; with return_last_state, (y, last_state [B, D, N]).
     """
     impl = _resolve_impl(impl, u)
-    return _IMPLS[impl](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return _IMPLS[impl](
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        delta_softplus,
+        initial_state,
+        return_last_state,
+    )
 
 
 def _project(weight, x):
