@@ -28,7 +28,7 @@ def export(checkpoint_file: str, output: str) -> str:
     checkpoint = utils.load_checkpoint(checkpoint_file)
     if "generator" not in checkpoint or "config" not in checkpoint:
         raise ValueError(f"{checkpoint_file}: not a g_ checkpoint of train.py")
-    utils.config_from_dict(checkpoint["config"], checkpoint_file)
+    utils.config_from_checkpoint(checkpoint["config"], checkpoint_file)
     packed = {
         # float16 halves the file; the LSD change it causes is reported in the README.
         "generator": {k: v.half() for k, v in checkpoint["generator"].items()},

@@ -482,7 +482,7 @@ def _generator_config(cfgs_path, config: dict | None, checkpoint_path: str):
     if cfgs_path is not None:
         return utils.load_config(cfgs_path)
     if config is not None:
-        return utils.config_from_dict(config, f"{checkpoint_path} (config)")
+        return utils.config_from_checkpoint(config, f"{checkpoint_path} (config)")
     folder = os.path.dirname(os.path.abspath(checkpoint_path))
     for name in ("config.json", "cfgs.json"):
         if os.path.isfile(os.path.join(folder, name)):

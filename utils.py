@@ -208,6 +208,22 @@ def config_from_dict(values: dict, source: str = "config") -> Config:
     return _build(Config, values, "", source)
 
 
+def config_from_checkpoint(values: dict, source: str) -> Config:
+    """The Config stored in a checkpoint; keys added to cfgs.json since it was written take
+    the repository's values (they cannot have mattered to it: its code had no such key)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cfgs.json")) as f:
+        current = json.load(f)
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: the config is not a dict")
+    merged = dict(current)
+    for section, keys in values.items():
+        if isinstance(keys, dict) and isinstance(current.get(section), dict):
+            merged[section] = {**current[section], **keys}
+        else:
+            merged[section] = keys
+    return config_from_dict(merged, source)
+
+
 def config_to_dict(cfg: Config) -> dict:
     """The plain-JSON form of a Config (tuples become lists), as stored in checkpoints."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))

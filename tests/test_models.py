@@ -181,3 +181,24 @@ def test_discriminator_outputs(disc, n_subs, n_fmaps):
         assert len(fr) == len(ff) == n_fmaps
         assert all(a.shape == b.shape for a, b in zip(fr, ff))
         assert not torch.equal(r, f)
+
+
+def test_checkpoint_config_from_before_a_key_was_added(tmp_path):
+    # A checkpoint whose config predates a cfgs.json key still loads, with the repo's value;
+    # a key the code does not know is still refused.
+    import utils
+    from models import load_generator
+
+    cfg = load_config(str(CFG_PATH), TINY)
+    config = utils.config_to_dict(cfg)
+    del config["train"]["discriminator_warmup_steps"]
+    generator = tiny_generator()
+    path = str(tmp_path / "g_old")
+    utils.save_checkpoint(path, {"generator": generator.state_dict(), "config": config})
+    loaded, loaded_cfg, _ = load_generator(path, scan_impl="torch")
+    assert loaded_cfg.train.discriminator_warmup_steps == 0
+    assert loaded_cfg.model == cfg.model
+    config["train"]["no_such_key"] = 1
+    utils.save_checkpoint(path, {"generator": generator.state_dict(), "config": config})
+    with pytest.raises(ValueError, match="unknown key 'train.no_such_key'"):
+        load_generator(path, scan_impl="torch")
