@@ -36,6 +36,11 @@ METRICS = ("lsd", "lsd_hf", "lsd_lf", "snr", "si_sdr")
 PLOTS_PER_CONDITION = 2
 # inference_wav.py names its output <name>_superresolved.wav; it still matches <name>.
 OUTPUT_SUFFIX = "_superresolved"
+# An output within this many samples of its reference's length is zero-padded or
+# trimmed to it, as the field's scripts do (frame-based systems round lengths to their
+# hop); a larger difference means a truncated or wrong file, of which only the part that
+# exists would be scored.
+LENGTH_TOLERANCE = 1024
 # How dataset.simulate_lowres makes each protocol's input, for the printed header.
 PROTOCOL_TEXT = {
     "authors": "causal Chebyshev I (order 8, 0.1 dB) + FFT resampling down and up (SPEC §4)",
@@ -237,12 +242,14 @@ def evaluate_outputs(
     for index, (ref_path, out_path) in enumerate(pairs):
         y = dataset.to_48k_mono(ref_path).astype(np.float32)
         y_hat = dataset.to_48k_mono(out_path).astype(np.float32)
-        if len(y_hat) != len(y):
-            print(
-                f"warning: {out_path} has {len(y_hat)} samples, reference {len(y)}; "
-                "scoring the common part",
-                file=sys.stderr,
+        if abs(len(y_hat) - len(y)) > LENGTH_TOLERANCE:
+            error = (
+                f"{out_path} has {len(y_hat)} samples at 48 kHz, its reference "
+                f"{ref_path} {len(y)}: more than {LENGTH_TOLERANCE} apart, not scored"
             )
+            rows.append(_failed_row(ref_path, protocol, rate_khz, error))
+            continue
+        y_hat = np.pad(y_hat[: len(y)], (0, max(len(y) - len(y_hat), 0)))
         signals = {"model": y_hat}
         if protocol is not None:
             x = make_input(y, protocol, rate_khz, seed, index)
@@ -253,13 +260,29 @@ def evaluate_outputs(
     return rows
 
 
+def _failed_row(ref_path: str, protocol, rate_khz, error: str) -> dict:
+    """The one row of a file that could not be scored: no metrics, the reason as "error"."""
+    return {
+        "file": _name(ref_path),
+        "protocol": protocol,
+        "rate_khz": rate_khz,
+        "system": "model",
+        **dict.fromkeys(METRICS),
+        "error": error,
+    }
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """Means over files per (protocol, rate, system), in first-seen order, with the count n."""
-    groups = {}
+    """Means over files per (protocol, rate, system), in first-seen order, with the count n of
+    scored files and the count of failed ones (which the means leave out)."""
+    groups, failed = {}, {}
     for row in rows:
-        groups.setdefault((row["protocol"], row["rate_khz"], row["system"]), []).append(
-            row
-        )
+        key = (row["protocol"], row["rate_khz"], row["system"])
+        if row.get("error"):
+            failed[key] = failed.get(key, 0) + 1
+            groups.setdefault(key, [])
+        else:
+            groups.setdefault(key, []).append(row)
     summary = []
     for (protocol, rate, system), group in groups.items():
         entry = {
@@ -267,10 +290,12 @@ def summarise(rows: list[dict]) -> list[dict]:
             "rate_khz": rate,
             "system": system,
             "n": len(group),
+            "failed": failed.get((protocol, rate, system), 0),
         }
         for key in METRICS:
             values = [row[key] for row in group]
-            entry[key] = None if None in values else float(np.mean(values))
+            scored = values and None not in values
+            entry[key] = float(np.mean(values)) if scored else None
         summary.append(entry)
     return summary
 
@@ -284,7 +309,8 @@ def format_table(summary: list[dict]) -> str:
     cells = {(s["protocol"], s["rate_khz"], s["system"]): s for s in summary}
     conditions = list(dict.fromkeys((s["protocol"], s["rate_khz"]) for s in summary))
     has_model = any(s["system"] == "model" for s in summary)
-    header = ["protocol", "input rate", "n"]
+    has_failed = any(s["failed"] for s in summary)
+    header = ["protocol", "input rate", "n"] + ["failed"] * has_failed
     if has_model:
         header += ["LSD", "LSD-HF", "LSD-LF", "SNR (dB)", "SI-SDR (dB)"]
     header += ["input LSD", "input LSD-HF", "oracle LSD", "oracle LSD-HF"]
@@ -295,6 +321,7 @@ def format_table(summary: list[dict]) -> str:
         base_or = cells.get((protocol, rate, "oracle"), {})
         n = (model or base_in)["n"]
         row = [protocol or "-", "-" if rate is None else f"{rate} kHz", str(n)]
+        row += [str(model.get("failed", 0))] * has_failed
         if has_model:
             row += [_fmt(model.get(k), 3) for k in ("lsd", "lsd_hf", "lsd_lf")]
             row += [_fmt(model.get(k), 2) for k in ("snr", "si_sdr")]
@@ -343,7 +370,8 @@ def describe(settings: dict) -> str:
     elif settings["mode"] == "outputs":
         lines.append(
             f"- model: outputs from {settings['outputs']} matched by file-name stem, read with "
-            "dataset.to_48k_mono, trimmed to the common length"
+            "dataset.to_48k_mono, zero-padded or trimmed to the reference's length (an "
+            f"output more than {LENGTH_TOLERANCE} samples off is not scored: failed)"
         )
     lines.append(
         f"- LSD: {lsd_text}; RMS over bins per frame, mean over frames, mean over files. "
@@ -363,7 +391,7 @@ def write_results(
     """Writes evaluate.csv (one row per file x condition x system) and evaluate.json (settings,
     summary and per-file rows; non-finite values become null), atomically."""
     os.makedirs(out_dir, exist_ok=True)
-    fields = ["file", "protocol", "rate_khz", "system", *METRICS]
+    fields = ["file", "protocol", "rate_khz", "system", *METRICS, "error"]
     with utils.atomic_path(os.path.join(out_dir, "evaluate.csv")) as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
@@ -525,14 +553,34 @@ def main(argv=None) -> str:
     parser.add_argument("--plots", help="folder for spectrogram and bar-chart figures")
     a = parser.parse_args(argv)
     try:
-        report = _run(a)
+        report, rows = _run(a)
     except (ValueError, OSError) as e:
         _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     print(report)
+    errors = [row["error"] for row in rows if row.get("error")]
+    if errors:
+        for error in errors:
+            print(f"evaluate.py: error: {error}", file=sys.stderr)
+        _fail(f"{len(errors)} output(s) could not be scored (the failed column)")
     return report
 
 
-def _run(a) -> str:
+def _prepare_folder(flag: str, path: str, names=()) -> None:
+    """Creates an output folder before any scoring, so that a bad path costs nothing."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(
+            f"{flag} {path}: cannot create this folder ({e.strerror})"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: this folder is not writable")
+    for name in names:
+        if os.path.isdir(os.path.join(path, name)):
+            raise ValueError(f"{flag} {path}: {name} in it is a folder, not a file")
+
+
+def _run(a) -> tuple[str, list[dict]]:
     if a.variant not in metrics.VARIANTS:
         raise ValueError(
             f"unknown LSD variant {a.variant!r}, expected one of {metrics.VARIANTS}"
@@ -551,6 +599,10 @@ def _run(a) -> str:
         raise ValueError("give both --protocol and --rate, or neither")
     if a.cfgs_path and not a.checkpoint:
         raise ValueError("--cfgs_path needs --checkpoint")
+    if a.out:
+        _prepare_folder("--out", a.out, ("evaluate.csv", "evaluate.json"))
+    if a.plots:
+        _prepare_folder("--plots", a.plots)
     references = dataset.list_audio_files(a.data_root, a.references)
     utils.seed_everything(a.seed)
     settings = {
@@ -594,7 +646,7 @@ def _run(a) -> str:
         write_results(a.out, settings, summary, rows)
     if a.plots:
         plot_bars(a.plots, summary)
-    return report
+    return report, rows
 
 
 if __name__ == "__main__":

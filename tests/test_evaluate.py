@@ -304,3 +304,51 @@ def test_pickled_code_in_a_checkpoint_never_runs(tmp_path, refs_dir, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.count("\n") == 1 and "refusing to load" in err
     assert not marker.exists()
+
+
+def test_outputs_of_the_wrong_length_fail_beyond_the_tolerance(tmp_path, capsys):
+    refs = write_clips(tmp_path / "refs", ["a", "b", "c"])
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    n = len(refs["a"])
+    short_b = refs["b"][: n - 100]  # within the tolerance: zero-padded
+    long_c = np.r_[refs["c"], np.full(100, 0.1, np.float32)]  # within it: trimmed
+    sf.write(outs / "a.wav", refs["a"][: n // 2], SR, subtype="FLOAT")  # truncated
+    sf.write(outs / "b.wav", short_b, SR, subtype="FLOAT")
+    sf.write(outs / "c.wav", long_c, SR, subtype="FLOAT")
+    args = ["--references", str(tmp_path / "refs"), "--outputs", str(outs)]
+    args += ["--protocol", "sinc", "--rate", "8", "--out", str(tmp_path / "res")]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(args)
+    assert e.value.code == 1
+    out, err = capsys.readouterr()
+    assert "| protocol | input rate | n | failed |" in out
+    assert "| sinc | 8 kHz | 2 | 1 |" in out
+    hits = [line for line in err.splitlines() if "a.wav" in line]
+    assert len(hits) == 1 and hits[0].startswith("evaluate.py: error: ")
+    assert f"{n // 2} samples" in hits[0] and f"{n}" in hits[0]
+    with open(tmp_path / "res" / "evaluate.csv") as f:
+        rows = list(csv.DictReader(f))
+    failed = [r for r in rows if r["error"]]
+    assert [(r["file"], r["system"], r["lsd"]) for r in failed] == [("a", "model", "")]
+    assert not any(r["file"] == "a" and not r["error"] for r in rows)
+    model = {r["file"]: r for r in rows if r["system"] == "model"}
+    padded = np.r_[short_b, np.zeros(100, np.float32)]
+    want_b = metrics.lsd(refs["b"], padded, cutoff_hz=4000)["lsd"]
+    assert float(model["b"]["lsd"]) == pytest.approx(want_b, rel=1e-6)
+    assert float(model["c"]["si_sdr"]) > 60  # the extra tail was cut, not scored
+
+
+def test_output_paths_are_checked_before_any_work(
+    tmp_path, refs_dir, capsys, monkeypatch
+):
+    (tmp_path / "file").write_text("")
+    scored = []
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: scored.append(a) or [])
+    for flag in ("--out", "--plots"):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--references", refs_dir, flag, str(tmp_path / "file")])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.count("\n") == 1
+        assert err.startswith(f"evaluate.py: error: {flag} ") and "file" in err
+    assert scored == []
