@@ -525,6 +525,11 @@ def main(argv=None) -> int:
         default="pcm16",
         help="pcm16: scaled down, with a warning, if it would clip; float: float32",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace outputs that already exist (by default such a file is an error)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
         "--scan_impl", choices=("auto", "torch", "compiled", "ref"), default="auto"
@@ -568,6 +573,10 @@ def main(argv=None) -> int:
     # disable=None: no bar when stderr is not a terminal (logs, tests)
     for path, out in tqdm(pairs, unit="file", disable=None):
         try:
+            if not a.overwrite and os.path.lexists(out):
+                raise ValueError(
+                    f"{path}: its output {out} already exists (--overwrite replaces it)"
+                )
             audio, sr = dataset.load_audio(path)
             y, _ = resolver.upsample(audio, sr, input_sr, a.keep_lowband)
             write_audio(out, y, a.format, path)

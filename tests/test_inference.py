@@ -515,3 +515,22 @@ def test_pickled_code_in_a_checkpoint_never_runs(tmp_path, ckpt, capsys):
 def test_shipped_model_loads_as_weights_only():
     checkpoint = torch.load(inference_wav.PRETRAINED_PATH, weights_only=True)
     assert {"generator", "config", "step"} <= checkpoint.keys()
+
+
+def test_cli_refuses_to_overwrite_an_output_unless_asked(tmp_path, ckpt, capsys):
+    sf.write(tmp_path / "a.wav", noise(0.05), 48000)
+    sf.write(tmp_path / "b.wav", noise(0.05, seed=1), 48000)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_superresolved.wav").write_bytes(b"an earlier result")
+    args = ["--wav_path", str(tmp_path / "a.wav"), str(tmp_path / "b.wav")]
+    args += ["--output_dir", str(out), "--checkpoint_file", ckpt, "--device", "cpu"]
+    code = inference_wav.main(args)
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1
+    hits = [line for line in err if "a_superresolved.wav" in line]
+    assert len(hits) == 1 and "already exists" in hits[0] and "--overwrite" in hits[0]
+    assert (out / "a_superresolved.wav").read_bytes() == b"an earlier result"
+    assert sf.info(str(out / "b_superresolved.wav")).samplerate == 48000  # the rest ran
+    assert inference_wav.main(args + ["--overwrite"]) == 0
+    assert sf.info(str(out / "a_superresolved.wav")).samplerate == 48000
