@@ -12,6 +12,7 @@ Also a command that writes VCTK file lists from a corpus on disk:
 """
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -54,12 +55,12 @@ def load_audio(path: str) -> tuple[np.ndarray, int]:
     return x, sr
 
 
-def read_audio_blocks(path: str, frames: int | None):
+def read_audio_blocks(path: str, seconds: float | None):
     """`load_audio` in blocks, with the same checks, so long files never sit in memory.
 
     Args:
         path: audio file.
-        frames: samples per block (the last may be shorter); None reads the file at once.
+        seconds: length of a block (the last may be shorter); None reads the file at once.
     Yields:
         (sr, block): sr in Hz, block float32 [channels, n]. Raises ValueError as
         `load_audio` does; truncation and emptiness show at the end of the file.
@@ -77,16 +78,17 @@ def read_audio_blocks(path: str, frames: int | None):
                     raise ValueError(
                         f"{path}: truncated ({actual} of {claimed} data bytes)"
                     )
+            frames = -1 if seconds is None else max(1, math.ceil(seconds * sr))
             total = 0
             while True:
-                x = f.read(-1 if frames is None else frames, "float32", always_2d=True)
+                x = f.read(frames, "float32", always_2d=True)
                 if x.shape[0] == 0:
                     break
                 if not np.all(np.isfinite(x)):
                     raise ValueError(f"{path}: contains NaN or Inf samples")
                 total += x.shape[0]
                 yield sr, np.ascontiguousarray(x.T)
-                if frames is None:
+                if seconds is None:
                     break
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise ValueError(

@@ -10,11 +10,15 @@ From Python:
     sr = SuperResolver.from_pretrained("cp_x/g_00100000")
     audio_48k, rate = sr.upsample(audio, 8000)
 
-Per file: load (any format soundfile reads, any rate, any number of channels) -> soxr to 48 kHz
--> per channel, peak-normalise to cfg.audio.peak as in training -> the generator in overlapping
-chunks with cross-fades -> original level restored -> optionally the input's own content below
-its bandwidth put back (--keep_lowband) -> a 16-bit (scaled down with a warning if it would clip)
-or float32 WAV, written atomically. Inputs are only ever read.
+Per file (any format soundfile reads, any rate, any number of channels), read twice in blocks
+of BLOCK_SECONDS so that memory does not grow with the file: a first pass measures each
+channel's peak (and, for --keep_lowband, the bandwidth); the second runs `stream.StreamProcessor`:
+soxr to 48 kHz -> a gain per channel (the one that brings its peak to cfg.audio.peak, as in
+training, or a fixed --gain) -> the generator, giving exactly what one pass over the whole file
+gives (no chunks, no seams) -> the gain undone -> optionally the input's own content below its
+bandwidth put back (--keep_lowband) -> a 16-bit (scaled down with a warning if it would clip) or
+float32 WAV, written atomically. Inputs are only ever read. `python stream.py` is the same
+processor on a live stream.
 
 The four flags and the output name are those of infected4098/Wave-U-Mamba's inference_wav.py
 (MIT); the code is our own.
@@ -25,7 +29,8 @@ import glob
 import hashlib
 import os
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import scipy.signal
@@ -34,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 import dataset
+import stream
 import utils
 from models import WaveUMamba, load_generator
 
@@ -42,8 +48,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PRETRAINED_PATH = os.path.join(HERE, "checkpoints", "wave_u_mamba_vctk_cpu.pt")
 # Shorter clips carry no usable spectrum and are almost certainly a mistake.
 MIN_SECONDS = 0.01
-CHUNK_SECONDS = 10.0
-OVERLAP_SECONDS = 0.5
+# Input per generator pass: memory grows with it (about 0.45 GB per second at 48 kHz on CPU),
+# speed hardly (each pass recomputes a few dozen samples of context).
+BLOCK_SECONDS = 2.0
 # Bandwidth detection: the highest frequency whose long-term average power is within
 # DETECT_RANGE_DB of the strongest frequency. Full-band VCTK speech stays within 60 dB up to
 # 24 kHz, while the stop band of any decent resampler is far below it.
@@ -54,10 +61,6 @@ DETECT_RANGE_DB = 60.0
 # Snapping the edge times 1.07 down handles all of them on speech and noise.
 NYQUIST_HZ = (2000, 3000, 4000, 5512.5, 6000, 8000, 11025, 12000, 16000, 22050, 24000)
 EDGE_TOLERANCE = 1.07
-# --keep_lowband cross-over: a linear-phase Kaiser low-pass whose transition band spans the
-# top CROSSOVER_WIDTH of the input's band; below it the output is the input to within -80 dB.
-CROSSOVER_WIDTH = 0.1
-CROSSOVER_ATTENUATION_DB = 80.0
 PCM16_MAX = 32767 / 32768
 AUDIO_EXTENSIONS = (
     ".wav",
@@ -93,47 +96,60 @@ def detect_bandwidth(audio: np.ndarray, sr: int) -> float:
     Returns:
         The cut-off frequency in Hz, e.g. 4000.0 for a 48 kHz file that was once 8 kHz audio.
     """
-    audio = np.atleast_2d(np.asarray(audio, dtype=np.float64))
-    nperseg = min(max(16, round(sr * 2048 / SAMPLING_RATE)), audio.shape[1])
-    freqs, power = scipy.signal.welch(audio, fs=sr, nperseg=nperseg)
-    power = np.convolve(power.mean(axis=0), np.ones(5) / 5, mode="same")
-    if not power.max() > 0:
-        raise ValueError("cannot detect the bandwidth of silent audio")
-    level_db = 10 * np.log10(np.maximum(power / power.max(), 1e-30))
-    top = np.nonzero(level_db > -DETECT_RANGE_DB)[0].max()
-    edge = min(freqs[top] + (freqs[1] - freqs[0]) / 2, sr / 2)
-    candidates = [f for f in NYQUIST_HZ if f <= min(edge * EDGE_TOLERANCE, sr / 2)]
-    return float(candidates[-1] if candidates else edge)
+    meter = BandwidthMeter(sr)
+    meter.add(audio)
+    return meter.bandwidth()
 
 
-def restore_lowband(
-    x: np.ndarray, y_hat: np.ndarray, cutoff_hz: float, sr: int = SAMPLING_RATE
-) -> np.ndarray:
-    """Combines the input's band below `cutoff_hz` with the model's output above it.
-
-    The cross-over is complementary: low = h * x, high = y_hat - h * y_hat for a zero-phase
-    Kaiser low-pass h, so out = y_hat + h * (x - y_hat). The transition runs from
-    0.9 * cutoff_hz to cutoff_hz; below it the output equals x to within 80 dB.
+class BandwidthMeter:
+    """`detect_bandwidth` of a signal that arrives in blocks: the same Welch segments (the
+    samples of a segment that straddles two blocks are carried over), so the same answer.
 
     Args:
-        x: input resampled to `sr`, [T].
-        y_hat: the model's output, [T].
-        cutoff_hz: the input's bandwidth in Hz.
-        sr: sample rate of both, in Hz.
-    Returns:
-        [T] float32.
+        sr: sample rate in Hz.
     """
-    if cutoff_hz >= sr / 2:
-        return np.array(x, dtype=np.float32)
-    width = CROSSOVER_WIDTH * cutoff_hz
-    numtaps, beta = scipy.signal.kaiserord(CROSSOVER_ATTENUATION_DB, width / (sr / 2))
-    # odd length: a whole-sample delay that mode="same" removes exactly
-    numtaps |= 1
-    h = scipy.signal.firwin(
-        numtaps, cutoff_hz - width / 2, window=("kaiser", beta), fs=sr
-    )
-    diff = np.asarray(x, dtype=np.float64) - y_hat
-    return (y_hat + scipy.signal.oaconvolve(diff, h, mode="same")).astype(np.float32)
+
+    def __init__(self, sr: int):
+        self.sr = sr
+        self.nperseg = max(16, round(sr * 2048 / SAMPLING_RATE))
+        self.step = self.nperseg - self.nperseg // 2  # welch's default half overlap
+        self.carry = np.zeros((1, 0))
+        self.power_sum, self.segments = 0.0, 0
+
+    def add(self, block: np.ndarray) -> None:
+        """Adds the next [T] or [channels, T] samples."""
+        x = np.atleast_2d(np.asarray(block, dtype=np.float64))
+        if self.carry.shape[1]:
+            x = np.concatenate([self.carry, x], axis=1)
+        n = max(0, (x.shape[1] - self.nperseg) // self.step + 1)
+        if n:
+            used = (n - 1) * self.step + self.nperseg
+            self.freqs, power = scipy.signal.welch(
+                x[:, :used], fs=self.sr, nperseg=self.nperseg
+            )
+            self.power_sum = self.power_sum + n * power.mean(axis=0)
+            self.segments += n
+        self.carry = x[:, n * self.step :]
+
+    def bandwidth(self) -> float:
+        """The cut-off in Hz of everything added so far (see `detect_bandwidth`)."""
+        if self.segments:
+            freqs, power = self.freqs, self.power_sum / self.segments
+        else:  # shorter than one segment: one segment of the whole signal
+            freqs, power = scipy.signal.welch(
+                self.carry, fs=self.sr, nperseg=self.carry.shape[1]
+            )
+            power = power.mean(axis=0)
+        power = np.convolve(power, np.ones(5) / 5, mode="same")
+        if not power.max() > 0:
+            raise ValueError("cannot detect the bandwidth of silent audio")
+        level_db = 10 * np.log10(np.maximum(power / power.max(), 1e-30))
+        top = np.nonzero(level_db > -DETECT_RANGE_DB)[0].max()
+        edge = min(freqs[top] + (freqs[1] - freqs[0]) / 2, self.sr / 2)
+        candidates = [
+            f for f in NYQUIST_HZ if f <= min(edge * EDGE_TOLERANCE, self.sr / 2)
+        ]
+        return float(candidates[-1] if candidates else edge)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -178,12 +194,14 @@ def verify_checksum(path: str, required: bool) -> None:
 class SuperResolver:
     """A loaded generator that upsamples audio of any rate and layout to 48 kHz.
 
+    Clips (`upsample`), files (`upsample_file`) and live streams (`stream`) all run through
+    `stream.StreamProcessor` in blocks, and give what one pass over the whole signal gives.
+
     Args:
         generator: a WaveUMamba in eval mode, weight norm removed, on `device`.
         cfg: the Config it was built from (cfg.audio.peak is the normalisation target).
         device: where the generator runs.
-        chunk_seconds: longest piece given to the generator at once (None: whole files).
-        overlap_seconds: cross-fade between chunks (at most a quarter of a chunk).
+        block_seconds: input per generator pass (None: BLOCK_SECONDS); memory grows with it.
     """
 
     def __init__(
@@ -191,27 +209,14 @@ class SuperResolver:
         generator: WaveUMamba,
         cfg: utils.Config,
         device: torch.device,
-        chunk_seconds: float | None = CHUNK_SECONDS,
-        overlap_seconds: float = OVERLAP_SECONDS,
+        block_seconds: float | None = None,
     ):
         self.generator = generator
         self.peak = cfg.audio.peak
         self.device = device
-        self.hop = 2 ** len(cfg.model.channels)
-        if chunk_seconds is None:
-            self.chunk = None
-        else:
-            if not chunk_seconds > 0 or not overlap_seconds > 0:
-                raise ValueError(
-                    f"chunk and overlap must be positive, not {chunk_seconds}, {overlap_seconds}"
-                )
-            overlap_seconds = min(overlap_seconds, chunk_seconds / 4)
-            self.overlap = max(1, round(overlap_seconds * SAMPLING_RATE / self.hop))
-            self.chunk = max(
-                2 * self.overlap, round(chunk_seconds * SAMPLING_RATE / self.hop)
-            )
-            self.overlap *= self.hop
-            self.chunk *= self.hop
+        self.block_seconds = BLOCK_SECONDS if block_seconds is None else block_seconds
+        if not self.block_seconds > 0:
+            raise ValueError(f"block_seconds must be positive, not {block_seconds}")
 
     @classmethod
     def from_pretrained(
@@ -220,8 +225,7 @@ class SuperResolver:
         device: str = "auto",
         scan_impl: str = "auto",
         cfgs_path: str | None = None,
-        chunk_seconds: float | None = CHUNK_SECONDS,
-        overlap_seconds: float = OVERLAP_SECONDS,
+        block_seconds: float | None = None,
     ) -> "SuperResolver":
         """Loads a generator checkpoint, ready for inference.
 
@@ -234,7 +238,7 @@ class SuperResolver:
             scan_impl: selective-scan implementation ("auto", "torch", "compiled", "ref").
             cfgs_path: config JSON; default the checkpoint's own config, else config.json or
                 cfgs.json beside the checkpoint, else the repo's cfgs.json.
-            chunk_seconds, overlap_seconds: see the class.
+            block_seconds: see the class.
         Returns:
             The SuperResolver. Raises ValueError with a one-line reason on any problem.
         """
@@ -249,7 +253,28 @@ class SuperResolver:
         device = resolve_device(device)
         generator, cfg, _ = load_generator(path, cfgs_path, scan_impl)
         generator.requires_grad_(False).eval().to(device)
-        return cls(generator, cfg, device, chunk_seconds, overlap_seconds)
+        return cls(generator, cfg, device, block_seconds)
+
+    def stream(
+        self,
+        sr: int,
+        gain=stream.DEFAULT_GAIN,
+        channels: int = 1,
+        lowband_hz: float | None = None,
+    ) -> stream.StreamProcessor:
+        """A stream processor: `process(block)` returns the 48 kHz output that the block made
+        final, `flush()` the rest once the input has ended (see stream.StreamProcessor).
+
+        Args:
+            sr: input rate in Hz.
+            gain: fixed input gain (the output is divided by it again), a number or one per
+                channel; a stream cannot peak-normalise, so by default the input's own level.
+            channels: channels per block.
+            lowband_hz: keep the input's own content below this frequency (None: off).
+        """
+        return stream.StreamProcessor(
+            self.generator, sr, SAMPLING_RATE, gain, channels, lowband_hz
+        )
 
     def upsample(
         self,
@@ -258,6 +283,7 @@ class SuperResolver:
         input_sr: int | str | None = None,
         keep_lowband: bool = False,
         progress: Callable[[float], None] | None = None,
+        gain: float | None = None,
     ) -> tuple[np.ndarray, int]:
         """Super-resolves one clip to 48 kHz.
 
@@ -269,9 +295,11 @@ class SuperResolver:
                 for a 48 kHz file that was once 8 kHz audio); None or "auto": detect it with
                 `detect_bandwidth`. Only `keep_lowband` uses it.
             keep_lowband: keep the input's own content below its bandwidth and take only the
-                band above from the model (see `restore_lowband`).
+                band above from the model (see stream.LowbandStream).
             progress: called with the fraction done (0-1) after each generator pass; an
                 exception it raises stops the work and propagates (how serve.py cancels).
+            gain: a fixed input gain in place of the per-channel peak normalisation (the
+                output is divided by it again), e.g. to match a stream's output.
         Returns:
             (audio_48k, 48000): float32 numpy array in the layout of `audio`, of duration
             round(T * 48000 / sr) samples. Levels are restored, so samples may exceed 1.
@@ -280,29 +308,76 @@ class SuperResolver:
         # multiple of 128 samples and feeds the raw level; we keep every channel and every
         # sample, and normalise each channel as training does (SPEC section 4).
         x = self._validate(audio, sr)
-        if keep_lowband:
-            if input_sr is None or input_sr == "auto":
-                cutoff = detect_bandwidth(x, sr)
-            elif isinstance(input_sr, (int, np.integer)) and 0 < input_sr <= sr:
-                cutoff = input_sr / 2
-            else:
-                raise ValueError(
-                    f"input_sr must be auto or a positive integer at most the file's rate "
-                    f"{sr}, not {input_sr!r}"
-                )
-        n_out = round(x.shape[-1] * SAMPLING_RATE / sr)
-        resampled = dataset.resample(x, sr, SAMPLING_RATE)[:, :n_out]
-        x48 = np.pad(resampled, ((0, 0), (0, n_out - resampled.shape[1])))
-        report = progress or (lambda fraction: None)
-        y48 = np.stack(
-            [
-                self._generate(channel, lambda done, c=c: report((c + done) / len(x48)))
-                for c, channel in enumerate(x48)
-            ]
+        lowband_hz = self._lowband_hz(
+            input_sr, sr, keep_lowband, lambda: detect_bandwidth(x, sr)
         )
-        if keep_lowband:
-            y48 = np.stack([restore_lowband(a, b, cutoff) for a, b in zip(x48, y48)])
+        peaks = np.abs(x).max(axis=1)
+        processor = self.stream(sr, self._gains(peaks, gain), len(x), lowband_hz)
+        report = progress or (lambda fraction: None)
+        frames = max(1, round(self.block_seconds * sr))
+        pieces = []
+        for start in range(0, x.shape[1], frames):
+            pieces.append(processor.process(x[:, start : start + frames]))
+            report(min(start + frames, x.shape[1]) / x.shape[1])
+        y48 = np.concatenate(pieces + [processor.flush()], axis=1)
+        # a silent channel of a multichannel file stays silent
+        y48[peaks == 0] = 0
         return (y48[0] if np.ndim(audio) == 1 else y48), SAMPLING_RATE
+
+    def upsample_file(
+        self,
+        path: str,
+        out: str,
+        fmt: str = "pcm16",
+        input_sr: int | str | None = None,
+        keep_lowband: bool = False,
+        gain: float | None = None,
+    ) -> None:
+        """Super-resolves an audio file into a 48 kHz WAV: `upsample` and `write_audio` on the
+        whole file, run block by block so that memory does not grow with the file.
+
+        Args:
+            path: input audio file (read twice: levels and bandwidth first, then the audio).
+            out: output WAV, written atomically.
+            fmt, input_sr, keep_lowband, gain: as `write_audio` and `upsample`.
+        """
+        peaks, frames, meter = 0.0, 0, None
+        detect = keep_lowband and input_sr in (None, "auto")
+        for sr, block in dataset.read_audio_blocks(path, self.block_seconds):
+            meter = meter or BandwidthMeter(sr)
+            peaks = np.maximum(peaks, np.abs(block).max(axis=1))
+            frames += block.shape[1]
+            if detect:
+                meter.add(block)
+        self._check_clip(frames, sr, peaks)
+        lowband_hz = self._lowband_hz(input_sr, sr, keep_lowband, meter.bandwidth)
+        processor = self.stream(sr, self._gains(peaks, gain), len(peaks), lowband_hz)
+
+        def outputs():
+            # a silent channel of a multichannel file stays silent
+            for _, block in dataset.read_audio_blocks(path, self.block_seconds):
+                yield np.where(peaks[:, None] > 0, processor.process(block), 0)
+            yield np.where(peaks[:, None] > 0, processor.flush(), 0)
+
+        write_audio_blocks(out, outputs(), len(peaks), fmt, path)
+
+    def _gains(self, peaks: np.ndarray, gain: float | None):
+        # the fixed gain, else the training level (cfg.audio.peak) per channel
+        return stream.peak_gains(peaks, self.peak) if gain is None else gain
+
+    @staticmethod
+    def _lowband_hz(input_sr, sr: int, keep_lowband: bool, detect) -> float | None:
+        # keep_lowband's cut-off: half of input_sr, or detect() for None / "auto"
+        if not keep_lowband:
+            return None
+        if input_sr is None or input_sr == "auto":
+            return detect()
+        if isinstance(input_sr, (int, np.integer)) and 0 < input_sr <= sr:
+            return input_sr / 2
+        raise ValueError(
+            f"input_sr must be auto or a positive integer at most the file's rate "
+            f"{sr}, not {input_sr!r}"
+        )
 
     @staticmethod
     def _validate(audio, sr) -> np.ndarray:
@@ -321,58 +396,21 @@ class SuperResolver:
             raise ValueError(f"sample rate must be a positive integer, not {sr!r}")
         if x.size == 0:
             raise ValueError(f"audio is empty (shape {audio.shape})")
-        if x.shape[1] < MIN_SECONDS * sr:
-            raise ValueError(
-                f"clip too short: {x.shape[-1]} samples at {sr} Hz "
-                f"(minimum {MIN_SECONDS * 1000:g} ms)"
-            )
         if not np.isfinite(x).all():
             raise ValueError("audio contains NaN or Inf samples")
-        if not np.abs(x).max() > 0:
-            raise ValueError("audio is silent (all samples are zero)")
+        SuperResolver._check_clip(x.shape[1], sr, np.abs(x).max(axis=1))
         return x
 
-    def _generate(
-        self, x: np.ndarray, report: Callable[[float], None] = lambda done: None
-    ) -> np.ndarray:
-        """The generator's output for one 48 kHz channel [T], at the channel's own level;
-        `report` gets the fraction of the channel done after each generator pass."""
-        peak = np.abs(x).max()
-        # a silent channel of a multichannel file stays silent
-        if not peak > 0:
-            return np.zeros_like(x)
-        gain = self.peak / peak
-        x = x * gain
-        if self.chunk is None or len(x) <= self.chunk:
-            y = self._forward(x)
-            report(1.0)
-            return y / gain
-        # Chunks overlap by self.overlap samples and are cross-faded with sin^2 / cos^2, which
-        # sum to one: both chunks estimate the same signal, so amplitudes (not powers) must
-        # add up. Every chunk but the first starts with a fade-in, which also hides the Mamba
-        # state starting from zero there.
-        ramp = (np.arange(self.overlap) + 0.5) / self.overlap
-        fade_in = (np.sin(np.pi / 2 * ramp) ** 2).astype(np.float32)
-        y = np.zeros_like(x)
-        hop = self.chunk - self.overlap
-        for start in range(0, len(x) - self.overlap, hop):
-            end = min(start + self.chunk, len(x))
-            piece = self._forward(x[start:end])
-            if start > 0:
-                piece[: self.overlap] *= fade_in
-            if end < len(x):
-                piece[-self.overlap :] *= 1 - fade_in
-            y[start:end] += piece
-            report(end / len(x))
-        return y / gain
-
-    @torch.inference_mode()
-    def _forward(self, x: np.ndarray) -> np.ndarray:
-        """One generator pass over [L] samples, zero-padded on the right to a multiple of hop."""
-        padded = -len(x) % self.hop
-        batch = torch.from_numpy(np.pad(x, (0, padded))).to(self.device)
-        y_hat = self.generator(batch[None, None])  # [1, 1, L + padded]
-        return y_hat[0, 0, : len(x)].float().cpu().numpy()
+    @staticmethod
+    def _check_clip(frames: int, sr: int, peaks: np.ndarray) -> None:
+        # ValueError for a clip too short or silent to process
+        if frames < MIN_SECONDS * sr:
+            raise ValueError(
+                f"clip too short: {frames} samples at {sr} Hz "
+                f"(minimum {MIN_SECONDS * 1000:g} ms)"
+            )
+        if not np.max(peaks) > 0:
+            raise ValueError("audio is silent (all samples are zero)")
 
 
 def output_paths(
@@ -457,22 +495,53 @@ def write_audio(path: str, audio: np.ndarray, fmt: str, name: str) -> None:
             clip) or "float" (float32, written as it is).
         name: the input file, for the warning.
     """
-    if fmt == "pcm16":
-        peak = float(np.abs(audio).max())
-        if peak > PCM16_MAX:
-            audio = audio * (PCM16_MAX / peak)
-            tqdm.write(
-                f"warning: {name}: output peak {peak:.3f} would clip in 16-bit PCM; "
-                f"scaled down by {20 * np.log10(peak / PCM16_MAX):.1f} dB "
-                "(use --format float to keep the level)",
-                file=sys.stderr,
-            )
+    audio = np.atleast_2d(audio)
+    write_audio_blocks(path, [audio], audio.shape[0], fmt, name)
+
+
+def write_audio_blocks(
+    path: str, blocks: Iterable[np.ndarray], channels: int, fmt: str, name: str
+) -> None:
+    """`write_audio` of the concatenation of 48 kHz blocks [channels, n], one at a time.
+
+    For pcm16 the blocks go to a float32 scratch file first: whether the output must be scaled
+    down is known only at its end.
+    """
     # Deviation: upstream always writes float32; 16-bit PCM is what players and most tools
     # expect, and --format float keeps upstream's behaviour.
-    subtype = "PCM_16" if fmt == "pcm16" else "FLOAT"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with utils.atomic_path(path) as tmp:
-        sf.write(tmp, audio.T, SAMPLING_RATE, subtype=subtype, format="WAV")
+        if fmt != "pcm16":
+            _write_wav(tmp, blocks, channels, "FLOAT")
+            return
+        with tempfile.TemporaryDirectory() as scratch_dir:
+            scratch = os.path.join(scratch_dir, "float.wav")
+            peak = _write_wav(scratch, blocks, channels, "FLOAT")
+            scale = 1.0
+            if peak > PCM16_MAX:
+                scale = PCM16_MAX / peak
+                tqdm.write(
+                    f"warning: {name}: output peak {peak:.3f} would clip in 16-bit PCM; "
+                    f"scaled down by {20 * np.log10(peak / PCM16_MAX):.1f} dB "
+                    "(use --format float to keep the level)",
+                    file=sys.stderr,
+                )
+            frames = round(BLOCK_SECONDS * SAMPLING_RATE)
+            scaled = (
+                block.T * np.float32(scale)
+                for block in sf.blocks(scratch, frames, dtype="float32", always_2d=True)
+            )
+            _write_wav(tmp, scaled, channels, "PCM_16")
+
+
+def _write_wav(path: str, blocks, channels: int, subtype: str) -> float:
+    # writes [channels, n] blocks at 48 kHz; returns the peak sample magnitude
+    peak = 0.0
+    with sf.SoundFile(path, "w", SAMPLING_RATE, channels, subtype, format="WAV") as f:
+        for block in blocks:
+            f.write(block.T)
+            peak = max(peak, float(np.abs(block).max(initial=0.0)))
+    return peak
 
 
 def one_line(error: Exception) -> str:
@@ -514,10 +583,11 @@ def main(argv=None) -> int:
         help="keep the input's own content below its bandwidth; the model adds the rest",
     )
     parser.add_argument(
-        "--chunk_seconds",
+        "--gain",
         type=float,
-        default=CHUNK_SECONDS,
-        help="process long files in chunks of this length (0: whole files)",
+        default=None,
+        help="a fixed input gain in place of per-channel peak normalisation (the output is "
+        "divided by it again); gives what stream.py --gain gives",
     )
     parser.add_argument(
         "--format",
@@ -539,17 +609,13 @@ def main(argv=None) -> int:
         parser.error(
             f"--input_sr must be auto or a positive integer, not {a.input_sr!r}"
         )
-    if a.chunk_seconds < 0:
-        parser.error(f"--chunk_seconds must be >= 0, not {a.chunk_seconds}")
+    if a.gain is not None and not 0 < a.gain < float("inf"):
+        parser.error(f"--gain must be positive, not {a.gain}")
     input_sr = None if a.input_sr == "auto" else int(a.input_sr)
 
     try:
         resolver = SuperResolver.from_pretrained(
-            a.checkpoint_file,
-            a.device,
-            a.scan_impl,
-            a.cfgs_path,
-            chunk_seconds=a.chunk_seconds if a.chunk_seconds > 0 else None,
+            a.checkpoint_file, a.device, a.scan_impl, a.cfgs_path
         )
     except FILE_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
@@ -577,9 +643,9 @@ def main(argv=None) -> int:
                 raise ValueError(
                     f"{path}: its output {out} already exists (--overwrite replaces it)"
                 )
-            audio, sr = dataset.load_audio(path)
-            y, _ = resolver.upsample(audio, sr, input_sr, a.keep_lowband)
-            write_audio(out, y, a.format, path)
+            resolver.upsample_file(
+                path, out, a.format, input_sr, a.keep_lowband, a.gain
+            )
         except FILE_ERRORS as e:
             message = one_line(e) if path in str(e) else f"{path}: {one_line(e)}"
             tqdm.write(f"error: {message}", file=sys.stderr)

@@ -892,6 +892,31 @@ class Mamba(nn.Module):
 
     def forward(self, x):
         # x: [B, L, d_model]
+        return self._mix(x, None)[0]
+
+    def forward_stream(self, x, state=None):
+        """Mamba over the next steps of a stream, carrying the state from call to call.
+
+        Calls on consecutive pieces of a sequence, each given the state the one before
+        returned, give what one forward() over the whole sequence gives.
+
+        Args:
+            x: [B, L, d_model], the steps after those of the earlier calls.
+            state: None at the start of the stream, else what the previous call returned.
+        Returns:
+            (y [B, L, d_model], state): the state is (the causal conv's last d_conv - 1
+            inputs [B, d_inner, d_conv - 1], the scan state [B, d_inner, d_state] or None
+            before the first step).
+        """
+        if state is None:
+            state = (x.new_zeros(x.shape[0], self.d_inner, self.d_conv - 1), None)
+        if x.shape[1] == 0:
+            return x, state
+        return self._mix(x, state)
+
+    def _mix(self, x, state):
+        # forward(x), from a stream state (conv inputs, scan state) when one is given;
+        # returns (y [B, L, d_model], the state after x, or None without one)
         impl = _resolve_impl(self.impl, x)
         # Projections are written as W @ [B, C, L] so that every tensor keeps time innermost,
         # the scan's layout: no transposed copies, and contiguous gradients for the conv
@@ -900,6 +925,10 @@ class Mamba(nn.Module):
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
         u, z = xz.chunk(2, dim=1)  # [B, d_inner, L] each
+        if state is not None:
+            # the previous inputs stand in for the conv's zero padding, whose outputs go
+            u = torch.cat([state[0], u], dim=-1)  # [B, d_inner, d_conv - 1 + L]
+            conv_state = u[..., u.shape[-1] - (self.d_conv - 1) :].clone()
         if impl == "cuda":
             from causal_conv1d import causal_conv1d_fn
 
@@ -916,6 +945,8 @@ class Mamba(nn.Module):
                     u_pad, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner
                 )
             )  # [B, d_inner, L]
+        if state is not None:
+            u = u[..., self.d_conv - 1 :]
         x_dbl = _project(self.x_proj.weight, u)  # [B, dt_rank + 2N, L]
         dt, Bm, Cm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = _project(self.dt_proj.weight, dt)  # [B, d_inner, L]
@@ -930,5 +961,10 @@ class Mamba(nn.Module):
             delta_bias=self.dt_proj.bias,
             delta_softplus=True,
             impl=impl,
-        )  # [B, d_inner, L]
-        return self.out_proj(y.transpose(1, 2))  # [B, L, d_model]
+            initial_state=None if state is None else state[1],
+            return_last_state=state is not None,
+        )  # [B, d_inner, L], or with the last scan state [B, d_inner, N]
+        if state is None:
+            return self.out_proj(y.transpose(1, 2)), None  # [B, L, d_model]
+        y, scan_state = y
+        return self.out_proj(y.transpose(1, 2)), (conv_state, scan_state)

@@ -17,11 +17,28 @@ reads raw 16-bit little-endian mono PCM at --input_sr on stdin and writes raw 16
 8000 | aplay -r 48000 -f S16_LE -c 1.
 """
 
+import argparse
+import os
+import sys
+
+import numpy as np
+import scipy.signal
+import soxr
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import dataset
 from models import HEAD_LRELU_SLOPE, LRELU_SLOPE, ConvUnit, EncoderBlock, UpBlock
+
+# A stream cannot peak-normalise what it has not seen: by default it feeds the model the input
+# at its own level (gain 1). Speech recorded near full scale suits the model best (it was
+# trained on clips peaking at cfg.audio.peak, 0.9, +-3 dB): raise the gain for quiet sources.
+DEFAULT_GAIN = 1.0
+# --keep_lowband cross-over: a linear-phase Kaiser low-pass whose transition band spans the
+# top CROSSOVER_WIDTH of the input's band; below it the output is the input to within -80 dB.
+CROSSOVER_WIDTH = 0.1
+CROSSOVER_ATTENUATION_DB = 80.0
 
 
 def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -250,3 +267,288 @@ class GeneratorStream:
         for skip_add, stages, skip in zip(self.skip_adds, self.ups, skips[::-1]):
             h = stages.step(skip_add.step(h, skip, final), final)
         return self.residual.step(x, self.head.step(h, final), final)  # [B, 1, m]
+
+
+def peak_gains(levels, peak: float) -> np.ndarray:
+    """The gains that bring each channel's peak to `peak` (1 for a silent channel).
+
+    Args:
+        levels: each channel's largest absolute sample, a number or [channels].
+        peak: target peak level (cfg.audio.peak, as in training).
+    Returns:
+        float64 [channels] (or a 0-d array for a number).
+    """
+    levels = np.asarray(levels, dtype=np.float64)
+    return np.where(levels > 0, peak / np.where(levels > 0, levels, 1.0), 1.0)
+
+
+def lowband_filter(cutoff_hz: float, sr: int) -> np.ndarray | None:
+    """The cross-over low-pass of keep_lowband, or None when the cut-off is the Nyquist.
+
+    A Kaiser-window FIR of odd length (a whole-sample delay, removed by centring it) whose
+    transition runs from (1 - CROSSOVER_WIDTH) * cutoff_hz to cutoff_hz with 80 dB stop band.
+
+    Args:
+        cutoff_hz: the input's bandwidth in Hz.
+        sr: sample rate in Hz.
+    Returns:
+        float64 [taps] or None.
+    """
+    if cutoff_hz >= sr / 2:
+        return None
+    width = CROSSOVER_WIDTH * cutoff_hz
+    taps, beta = scipy.signal.kaiserord(CROSSOVER_ATTENUATION_DB, width / (sr / 2))
+    return scipy.signal.firwin(
+        taps | 1, cutoff_hz - width / 2, window=("kaiser", beta), fs=sr
+    )
+
+
+class LowbandStream:
+    """keep_lowband as a stream: out = y + h * (x - y) for the centred low-pass h.
+
+    Below the cut-off the output is the input x, above it the model's output y (the cross-over
+    is complementary); h's half-length is the added latency. Computed in float64.
+
+    Args:
+        h: the filter from `lowband_filter`; None keeps x whole.
+    """
+
+    def __init__(self, h: np.ndarray | None):
+        self.diff = Merge(lambda x, y: x.double() - y)
+        if h is None:
+            self.fir = None
+            self.out = Merge(lambda y, x: x)
+            return
+        half = len(h) // 2
+        kernel = h[None, None]  # [1, 1, taps]
+        self.fir = Window(
+            lambda d: torch.from_numpy(
+                scipy.signal.oaconvolve(d.numpy(), kernel, mode="same", axes=-1)
+            ),
+            1,
+            lo=half,
+            hi=half,
+        )
+        self.out = Merge(lambda y, f: (y + f).float())
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, final: bool) -> torch.Tensor:
+        # x, y: [C, 1, n] input and model output (streams of the same length)
+        if self.fir is None:
+            return self.out.step(y, x, final)
+        d = self.fir.step(self.diff.step(x, y, final), final)
+        return self.out.step(y.double(), d, final)
+
+
+class StreamProcessor:
+    """Super-resolution of a stream of blocks at any rate, with a fixed gain.
+
+    Each block is resampled to the model's rate (soxr's stream resampler, whose output does not
+    depend on how the input is split), multiplied by the gain, run through the generator as a
+    `GeneratorStream`, divided by the gain and, with a cut-off, crossed over with the input
+    (`LowbandStream`). The output ends at round(T * out_sr / sr) samples for T input samples:
+    all blocks together equal `process_whole` on the whole signal (to float rounding).
+
+    Args:
+        generator: a WaveUMamba in eval mode, weight norm removed.
+        sr: input rate in Hz.
+        out_sr: the generator's rate (48 kHz).
+        gain: input gain, a number or one per channel; the output is divided by it again.
+        channels: channels per block (run as one batch).
+        lowband_hz: keep the input below this frequency (None: the model's output throughout).
+    """
+
+    def __init__(
+        self, generator, sr, out_sr, gain=DEFAULT_GAIN, channels=1, lowband_hz=None
+    ):
+        if int(sr) != sr or sr <= 0:
+            raise ValueError(f"sample rate must be a positive integer, not {sr!r}")
+        gain = np.broadcast_to(np.asarray(gain, dtype=np.float64), (channels,))
+        if not (np.isfinite(gain).all() and (gain > 0).all()):
+            raise ValueError(f"gain must be positive and finite, not {gain.tolist()}")
+        self.sr, self.out_sr, self.channels = int(sr), int(out_sr), channels
+        self.gain = torch.from_numpy(gain.astype(np.float32))[:, None, None]
+        self.resampler = None
+        if self.sr != self.out_sr:
+            self.resampler = soxr.ResampleStream(
+                self.sr, self.out_sr, channels, "float32", dataset.RESAMPLE_QUALITY
+            )
+        self.model = GeneratorStream(generator)
+        self.device = next(generator.parameters()).device
+        self.lowband = None
+        if lowband_hz is not None:
+            self.lowband = LowbandStream(lowband_filter(lowband_hz, self.out_sr))
+        self.received = 0  # input samples
+        self.resampled = 0  # samples given to the model
+        self.flat = channels == 1  # blocks come as [n], not [1, n]
+
+    def process(self, block: np.ndarray) -> np.ndarray:
+        """The output made final by the next input block.
+
+        Args:
+            block: [n] (one channel) or [channels, n] float samples at `sr`.
+        Returns:
+            float32 [m] or [channels, m] at `out_sr` (m may be 0).
+        """
+        self.flat = np.ndim(block) == 1
+        x = self._check(block)
+        self.received += x.shape[1]
+        if self.resampler is not None:
+            x = self.resampler.resample_chunk(np.ascontiguousarray(x.T)).T
+        return self._run(x, final=False)
+
+    def flush(self) -> np.ndarray:
+        """The rest of the output, once the input has ended, in the layout of the blocks; the
+        processor is then closed."""
+        x = np.zeros((self.channels, 0), np.float32)
+        if self.resampler is not None:
+            x = self.resampler.resample_chunk(x.T, last=True).T
+        # soxr gives round(T * out_sr / sr) samples in all; make sure of it
+        total = round(self.received * self.out_sr / self.sr)
+        missing = total - self.resampled - x.shape[1]
+        if missing < 0 and -missing > x.shape[1]:
+            raise RuntimeError("the resampler gave more samples than it should")
+        x = np.pad(x, ((0, 0), (0, max(0, missing))))[:, : x.shape[1] + missing]
+        return self._run(x, final=True)
+
+    def _check(self, block) -> np.ndarray:
+        x = np.asarray(block, dtype=np.float32)
+        if x.ndim == 1 and self.channels == 1:
+            x = x[None]
+        if x.ndim != 2 or x.shape[0] != self.channels:
+            raise ValueError(
+                f"expected blocks of {self.channels} channel(s), got shape {x.shape}"
+            )
+        if not np.isfinite(x).all():
+            raise ValueError("audio contains NaN or Inf samples")
+        return x
+
+    def _run(self, x48: np.ndarray, final: bool) -> np.ndarray:
+        # x48: [channels, n] at out_sr
+        self.resampled += x48.shape[1]
+        x = torch.from_numpy(np.ascontiguousarray(x48, dtype=np.float32))[:, None]
+        y = self.model.push((x * self.gain).to(self.device)) if x.shape[-1] else None
+        if final:
+            tail = self.model.flush()
+            y = tail if y is None else torch.cat([y, tail], dim=-1)
+        y = (y.cpu() / self.gain) if y is not None else x[..., :0]
+        if self.lowband is not None:
+            y = self.lowband.step(x, y, final)
+        y = y[:, 0].numpy()
+        return y[0] if self.flat else y
+
+
+def process_whole(generator, audio, sr, out_sr, gain=DEFAULT_GAIN, lowband_hz=None):
+    """`StreamProcessor` on one whole signal: what whole-file inference, evaluation and
+    validation run.
+
+    Args:
+        generator, sr, out_sr, gain, lowband_hz: as `StreamProcessor`.
+        audio: [T] or [channels, T] float samples at sr.
+    Returns:
+        float32, [round(T * out_sr / sr)] or [channels, ...] in the layout of audio.
+    """
+    channels = 1 if np.ndim(audio) == 1 else np.shape(audio)[0]
+    processor = StreamProcessor(generator, sr, out_sr, gain, channels, lowband_hz)
+    return np.concatenate([processor.process(audio), processor.flush()], axis=-1)
+
+
+def _pcm16(y: np.ndarray) -> tuple[bytes, bool]:
+    # float samples -> raw S16_LE bytes (the scale of 16-bit input, 1 / 32768), and whether
+    # any sample had to be clipped
+    scaled = np.round(y * 32768.0)
+    clipped = bool(np.any(scaled > 32767) or np.any(scaled < -32768))
+    return np.clip(scaled, -32768, 32767).astype("<i2").tobytes(), clipped
+
+
+def _serve(processor: StreamProcessor, block_bytes: int) -> None:
+    """Copies stdin to stdout through the processor until stdin ends."""
+    stdin, stdout = sys.stdin.buffer.fileno(), sys.stdout.buffer
+    odd = b""  # the first byte of a sample split between two reads
+    warned = False
+    while True:
+        # os.read returns what the pipe holds, so a block is processed as soon as it arrives
+        data = os.read(stdin, block_bytes)
+        if data:
+            data = odd + data
+            whole = len(data) - len(data) % 2
+            data, odd = data[:whole], data[whole:]
+            x = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+            y = processor.process(x)
+        else:  # the end of the input (a lone last byte is half a sample: dropped)
+            y = processor.flush()
+        pcm, clipped = _pcm16(y)
+        if clipped and not warned:
+            print("warning: output clipped at 16-bit full scale", file=sys.stderr)
+            warned = True
+        stdout.write(pcm)
+        stdout.flush()
+        if not data:
+            return
+
+
+def main(argv=None) -> int:
+    """The command line; returns the exit code."""
+    # inference_wav builds its SuperResolver on this module, so it is imported here, not at
+    # the top: the model is loaded (and its checksum checked) exactly as inference_wav does
+    import inference_wav
+
+    parser = argparse.ArgumentParser(
+        description="Super-resolves a live stream: raw 16-bit little-endian mono PCM at "
+        "--input_sr on stdin, raw 16-bit mono PCM at 48 kHz on stdout, as it goes."
+    )
+    parser.add_argument("--input_sr", type=int, required=True, help="input rate in Hz")
+    parser.add_argument(
+        "--gain",
+        type=float,
+        default=DEFAULT_GAIN,
+        help="input gain for the model, undone at its output (default %(default)s: "
+        "the input's own level; the model was trained on speech peaking near 0.9)",
+    )
+    parser.add_argument(
+        "--keep_lowband",
+        action="store_true",
+        help="keep the input's own band (below input_sr / 2); the model adds the rest",
+    )
+    parser.add_argument(
+        "--block_ms",
+        type=float,
+        default=10.0,
+        help="largest block read at once, in ms (a smaller one is processed as it comes)",
+    )
+    parser.add_argument("--checkpoint_file", default=None, help="as inference_wav.py")
+    parser.add_argument("--cfgs_path", default=None, help="as inference_wav.py")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--scan_impl", choices=("auto", "torch", "compiled", "ref"), default="auto"
+    )
+    a = parser.parse_args(argv)
+    if a.input_sr <= 0:
+        parser.error(f"--input_sr must be a positive integer, not {a.input_sr}")
+    if not 0 < a.gain < float("inf"):
+        parser.error(f"--gain must be positive, not {a.gain}")
+    if not a.block_ms > 0:
+        parser.error(f"--block_ms must be positive, not {a.block_ms}")
+    try:
+        resolver = inference_wav.SuperResolver.from_pretrained(
+            a.checkpoint_file, a.device, a.scan_impl, a.cfgs_path
+        )
+        lowband_hz = min(a.input_sr, inference_wav.SAMPLING_RATE) / 2
+        processor = resolver.stream(
+            a.input_sr, a.gain, lowband_hz=lowband_hz if a.keep_lowband else None
+        )
+        block_bytes = 2 * max(1, round(a.block_ms / 1000 * a.input_sr))
+        _serve(processor, block_bytes)
+    except BrokenPipeError:
+        # the reader went away: stop quietly, and keep Python from complaining at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except inference_wav.FILE_ERRORS as e:
+        print(f"error: {inference_wav.one_line(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,13 +1,19 @@
 """Tests of stream.py: every streaming stage, the whole generator and the command line equal
 whole-file processing on random splits of a signal into blocks."""
 
+import os
+
 import numpy as np
 import pytest
+import scipy.signal
 import torch
 
+import dataset
+import models
+import ssm
 import stream
 from models import ConvUnit, ResBlock
-from test_inference import tiny_generator
+from test_inference import ROOT, tiny_generator
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -89,3 +95,155 @@ def test_merge_emits_what_both_streams_have():
     torch.testing.assert_close(
         merge.step(a[..., :0], b[..., 3:], True), a[..., 3:] + b[..., 3:]
     )
+
+
+@pytest.mark.parametrize("impl", ["torch", "compiled"])
+def test_mamba_state_carried_across_calls_equals_one_call(impl):
+    torch.manual_seed(0)
+    mamba = ssm.Mamba(8, d_state=4, impl=impl).double()
+    x = torch.randn(2, 200, 8, dtype=torch.float64)
+    with torch.no_grad():
+        whole = mamba(x)
+        pieces, state, start = [], None, 0
+        for n in (1, 2, 0, 3, 17, 77, 100):
+            y, state = mamba.forward_stream(x[:, start : start + n], state)
+            pieces.append(y)
+            start += n
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-10, atol=1e-12)
+
+
+# --- the whole generator and the processor -----------------------------------------------
+
+
+SHIPPED = os.path.join(ROOT, "checkpoints", "wave_u_mamba_vctk_cpu.pt")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    generator, _ = tiny_generator(seed=1)
+    generator.remove_weight_norm()
+    return generator.eval()
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    if not os.path.isfile(SHIPPED):
+        pytest.skip("the shipped checkpoint is absent")
+    return models.load_generator(SHIPPED)[0]
+
+
+def speech_like(seconds: float, sr: int, seed: int = 0) -> np.ndarray:
+    """Voiced bursts with noise, band-limited to sr / 2: a float32 [T] test signal."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * sr)) / sr
+    pitch = 120 + 40 * np.sin(2 * np.pi * 3 * t)
+    voiced = sum(np.sin(2 * np.pi * k * np.cumsum(pitch) / sr) / k for k in range(1, 30))
+    envelope = np.clip(np.sin(2 * np.pi * 4 * t), 0, None)
+    x = (0.1 * voiced * envelope + 0.05 * rng.standard_normal(len(t))).astype(np.float32)
+    return dataset.resample(x, 48000, sr)[: len(t)] if sr < 48000 else x
+
+
+def offline(generator, x: np.ndarray, sr: int, gain: float) -> np.ndarray:
+    """Whole-file processing written plainly: soxr to 48 kHz, gain, one generator pass over
+    the signal zero-padded to the hop, gain undone."""
+    x48 = dataset.resample(x, sr, 48000)
+    n = round(len(x) * 48000 / sr)
+    x48 = np.pad(x48[:n], (0, n - len(x48[:n])))
+    padded = np.pad(x48 * np.float32(gain), (0, -n % generator.hop))
+    with torch.no_grad():
+        y = generator(torch.from_numpy(padded)[None, None])[0, 0, :n].numpy()
+    return y / np.float32(gain)
+
+
+def assert_relative(actual, expected, tol=1e-4):
+    # every sample within tol of the largest expected sample
+    assert actual.shape == expected.shape
+    error = np.abs(actual - expected).max() / np.abs(expected).max()
+    assert error <= tol, error
+
+
+def stream_blocks(processor, x: np.ndarray, blocks) -> np.ndarray:
+    outs, start = [], 0
+    for n in blocks:
+        outs.append(processor.process(x[..., start : start + n]))
+        start += n
+    outs.append(processor.flush())
+    return np.concatenate(outs, axis=-1)
+
+
+@pytest.mark.parametrize("sizes", [[1], [17], None, [3 * 48000]], ids=str)
+def test_generator_stream_equals_one_pass(tiny, sizes):
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(speech_like(0.05, 48000))[None, None].repeat(2, 1, 1)
+    x[1] *= -0.5
+    with torch.no_grad():
+        expected = tiny(torch.nn.functional.pad(x, (0, -x.shape[-1] % 16)))
+    g = stream.GeneratorStream(tiny)
+    blocks = random_split(x.shape[-1], rng, sizes)
+    outs = [g.push(x[..., a : a + n]) for a, n in zip(np.cumsum([0] + blocks), blocks)]
+    actual = torch.cat(outs + [g.flush()], dim=-1)
+    assert_relative(actual.numpy(), expected[..., : x.shape[-1]].numpy())
+
+
+@pytest.mark.parametrize("sr", [8000, 16000, 48000])
+@pytest.mark.parametrize("sizes", [[1], [17], None, [3 * 48000]], ids=str)
+def test_processor_equals_offline_tiny_model(tiny, sr, sizes):
+    rng = np.random.default_rng(sr)
+    x = speech_like(0.04, sr, seed=1)
+    processor = stream.StreamProcessor(tiny, sr, 48000, gain=2.0)
+    actual = stream_blocks(processor, x, random_split(len(x), rng, sizes))
+    assert_relative(actual, offline(tiny, x, sr, 2.0))
+
+
+@pytest.mark.parametrize("sr", [8000, 16000, 48000])
+def test_processor_equals_offline_shipped_model(shipped, sr):
+    # random blocks of 1 to 400 samples over 0.25 s, the first ones single samples
+    rng = np.random.default_rng(sr)
+    x = speech_like(0.25, sr, seed=2)
+    blocks = [1] * 5 + [int(n) for n in rng.integers(1, 400, size=len(x))]
+    blocks = random_split(len(x), rng, blocks)
+    processor = stream.StreamProcessor(shipped, sr, 48000, gain=3.0)
+    expected = offline(shipped, x, sr, 3.0)
+    assert_relative(stream_blocks(processor, x, blocks), expected)
+    assert_relative(stream.process_whole(shipped, x, sr, 48000, 3.0), expected)
+
+
+def test_processor_multichannel_gains_and_lowband(tiny):
+    rng = np.random.default_rng(5)
+    x = np.stack([speech_like(0.05, 16000, seed=s) for s in (3, 4)])
+    gains = np.array([0.5, 4.0])
+    whole = stream.process_whole(tiny, x, 16000, 48000, gains, lowband_hz=4000)
+    processor = stream.StreamProcessor(tiny, 16000, 48000, gains, 2, lowband_hz=4000)
+    assert_relative(stream_blocks(processor, x, random_split(x.shape[1], rng)), whole)
+    # each channel as it would be alone, then crossed over with the input
+    for channel, gain in zip(x, gains):
+        y = offline(tiny, channel, 16000, gain)
+        x48 = dataset.resample(channel, 16000, 48000)
+        h = stream.lowband_filter(4000, 48000)
+        expected = y + scipy.signal.oaconvolve(x48.astype(np.float64) - y, h, "same")
+        assert_relative(whole[list(gains).index(gain)], expected.astype(np.float32))
+
+
+def test_lowband_is_complementary():
+    x = torch.randn(2, 1, 4800)
+    lowband = stream.LowbandStream(stream.lowband_filter(3000, 48000))
+    # equal inputs: nothing to cross over
+    y = torch.cat([lowband.step(x[..., :1000], x[..., :1000], False),
+                   lowband.step(x[..., 1000:], x[..., 1000:], True)], dim=-1)
+    torch.testing.assert_close(y, x, atol=1e-6, rtol=0)
+    # at the Nyquist frequency the input is kept whole
+    assert stream.lowband_filter(24000, 48000) is None
+    whole = stream.LowbandStream(None).step(x, torch.zeros_like(x), True)
+    assert torch.equal(whole, x)
+
+
+def test_stream_gain_and_closing(tiny):
+    with pytest.raises(ValueError, match="gain"):
+        stream.StreamProcessor(tiny, 8000, 48000, gain=0.0)
+    with pytest.raises(ValueError, match="channel"):
+        stream.StreamProcessor(tiny, 8000, 48000, channels=2).process(np.zeros(5))
+    g = stream.GeneratorStream(tiny)
+    g.push(torch.zeros(1, 1, 3))
+    assert g.flush().shape == (1, 1, 3)
+    with pytest.raises(ValueError, match="flushed"):
+        g.push(torch.zeros(1, 1, 3))
