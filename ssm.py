@@ -19,14 +19,14 @@ Implementations, top to bottom: `selective_scan_ref` (the oracle), the plain PyT
 ("torch"), the compiled CPU kernel ("compiled"), mamba_ssm's CUDA kernel ("cuda"), then the one
 entry point `selective_scan(..., impl=...)` and `Mamba`.
 
-The compiled kernel is C++ built with g++ on first use (about a second: no torch headers; called
-through ctypes), not numba: the scan spends most of its time in exp(dt * A), 16 per step, and
-numba (no SVML here) calls libm's exp lane by lane, while the C++ exp below vectorises over the
-16 states. Measured here (forward, float32, d_inner 512, L 3,000, one thread): numba 80 ms,
-C++ 22 ms. The state is carried in float64 (float32 inputs are still accurate to ~1e-7 after
-48,000 slowly decaying steps); the forward stores it every _CHUNK steps and the backward
-recomputes each chunk. The kernel also has Mamba's causal depthwise conv + SiLU, because
-oneDNN's depthwise conv backward costs as much as the whole scan.
+The compiled kernel is C++ (ssm_kernel.cpp) built with g++ on first use (a few seconds: no
+torch headers; called through ctypes), not numba: the scan spends most of its time in
+exp(dt * A), 16 per step, and numba (no SVML here) calls libm's exp lane by lane, while the
+kernel's own exp vectorises over the 16 states. float32 inputs are computed in float32 (the
+kernel's comment says why that stays within 1e-5 of float64 over 48,000 steps); the forward
+stores the state every _CHUNK steps and the backward recomputes each chunk. The kernel also has
+Mamba's causal depthwise conv + SiLU, because oneDNN's depthwise conv backward costs as much as
+the whole scan.
 """
 
 import ctypes
@@ -126,385 +126,102 @@ def _selective_scan_torch(
     return (y, h) if return_last_state else y
 
 
-_KERNEL_SOURCE = r"""
-// Selective scan forward and backward, and causal depthwise conv + SiLU, for CPU. One task is
-// one channel (forward) or one group of channels of one batch item (backward); tasks are handed
-// out to OpenMP threads. The state is held in float64 whatever the input dtype: float32 states
-// drift over tens of thousands of slowly decaying steps. The 16 states are the SIMD lanes.
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-
-namespace {
-
-// exp(x) as 2^k * p(r), |r| <= ln2/2, degree-12 Taylor (relative error ~2e-16). Written in plain
-// arithmetic so that the compiler vectorises it; libm's exp would be called lane by lane.
-inline double exp_simd(double x) {
-  x = std::min(std::max(x, -708.0), 709.0);
-  // round to nearest with the 1.5 * 2^52 trick: round() does not vectorise
-  double k = (x * 1.4426950408889634 + 6755399441055744.0) - 6755399441055744.0;
-  double r = x - k * 0.6931471803691238 - k * 1.9082149292705877e-10;
-  double p = 1.0 / 479001600;
-  p = p * r + 1.0 / 39916800;
-  p = p * r + 1.0 / 3628800;
-  p = p * r + 1.0 / 362880;
-  p = p * r + 1.0 / 40320;
-  p = p * r + 1.0 / 5040;
-  p = p * r + 1.0 / 720;
-  p = p * r + 1.0 / 120;
-  p = p * r + 1.0 / 24;
-  p = p * r + 1.0 / 6;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
-  int64_t bits = static_cast<int64_t>(k + 1023.0) << 52;
-  double scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-// expm1(x) in float32 the same way, with 2^k * expm1(r) + (2^k - 1) so that small |x| keeps
-// its relative precision; degree-7 Taylor (relative error ~2e-8).
-inline float expm1_simd(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  float k = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
-  float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  float q = 1.0f / 5040;
-  q = q * r + 1.0f / 720;
-  q = q * r + 1.0f / 120;
-  q = q * r + 1.0f / 24;
-  q = q * r + 1.0f / 6;
-  q = q * r + 0.5f;
-  const float em1 = r + r * r * q;
-  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return scale * em1 + (scale - 1.0f);
-}
-
-// e[n] = exp(dt * A[n]), the decays of one step. For float32 inputs it is 1 + expm1 with expm1
-// in float32, which has twice the SIMD lanes of float64: over a long, slow decay what matters is
-// the distance from 1, and expm1 keeps its relative error at float32's ~1e-7 (a float32 exp
-// would not). m is scratch space of N floats.
-template <typename T>
-inline void decays(T dt, const T* __restrict A, int64_t N, double* __restrict e,
-                   float* __restrict m) {
-  if constexpr (sizeof(T) == sizeof(float)) {
-#pragma omp simd
-    for (int64_t n = 0; n < N; ++n) m[n] = expm1_simd(dt * A[n]);
-#pragma omp simd
-    for (int64_t n = 0; n < N; ++n) e[n] = 1.0 + static_cast<double>(m[n]);
-  } else {
-#pragma omp simd
-    for (int64_t n = 0; n < N; ++n) e[n] = exp_simd(dt * A[n]);
-  }
-}
-
-// OpenMP, not std::thread: the library links libgomp.so.1, which resolves to the copy PyTorch
-// already loaded, so the kernel runs on PyTorch's own worker threads. Threads of our own would
-// compete with PyTorch's, which spin for a while after each parallel op.
-template <typename F>
-void parallel_for(int64_t n_tasks, int n_threads, F fn) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
-  for (int64_t i = 0; i < n_tasks; ++i) fn(i);
-}
-
-template <typename T>
-struct Scan {
-  const T *u, *dt, *A, *B, *C, *D;  // [b,d,L] [b,d,L] [d,N] [b,L,N] [b,L,N] [d]
-  const T* h0;                      // [b,d,N] initial state, or null for zeros
-  int64_t nb, nd, L, N, K;          // batch, channels, length, states, checkpoint interval
-  int64_t n_chunks() const { return (L + K - 1) / K; }
-};
-
-// NS > 0 fixes the state size at compile time (full vectorisation); NS == 0 reads it at run time.
-template <typename T, int NS>
-void forward_channel(const Scan<T>& s, int64_t bd, T* out, double* hs, T* last) {
-  const int64_t N = NS > 0 ? NS : s.N, L = s.L, b = bd / s.nd, d = bd % s.nd;
-  std::vector<double> hv(N, 0.0), ev(N);
-  if (s.h0 != nullptr) std::copy(s.h0 + bd * N, s.h0 + (bd + 1) * N, hv.begin());
-  std::vector<float> mv(N);
-  double* __restrict h = hv.data();
-  double* __restrict e = ev.data();
-  const T* __restrict A = s.A + d * N;
-  const T* __restrict u = s.u + bd * L;
-  const T* __restrict dt = s.dt + bd * L;
-  const T* __restrict B = s.B + b * L * N;
-  const T* __restrict C = s.C + b * L * N;
-  const double Dv = s.D[d];
-  for (int64_t t = 0; t < L; ++t) {
-    if (hs != nullptr && t % s.K == 0) std::copy(h, h + N, hs + (bd * s.n_chunks() + t / s.K) * N);
-    const double x = static_cast<double>(dt[t]) * u[t];
-    decays(dt[t], A, N, e, mv.data());
-    double y = 0.0;
-#pragma omp simd reduction(+ : y)
-    for (int64_t n = 0; n < N; ++n) {
-      h[n] = e[n] * h[n] + x * B[t * N + n];
-      y += h[n] * C[t * N + n];
-    }
-    out[bd * L + t] = static_cast<T>(y + Dv * u[t]);
-  }
-  std::copy(h, h + N, last + bd * N);
-}
-
-// Channels [d0, d1) of batch item b. gB, gC are this task's own [L, N] partial sums. glast
-// (the last state's gradient) and gh0 (the initial state's) may be null.
-template <typename T, int NS>
-void backward_group(const Scan<T>& s, int64_t b, int64_t d0, int64_t d1, const double* hs,
-                    const T* gout, const T* glast, T* gu, T* gdt, double* gA, double* gD,
-                    T* gB, T* gC, T* gh0) {
-  const int64_t N = NS > 0 ? NS : s.N, L = s.L, K = s.K;
-  std::vector<double> buf(2 * K * N + 5 * N);
-  double* __restrict hbuf = buf.data();  // states of the current chunk [K, N]
-  double* __restrict ebuf = hbuf + K * N;  // exp(dt * A) of the current chunk [K, N]
-  double* __restrict h0 = ebuf + K * N;  // state before the chunk
-  double* __restrict gh = h0 + N;  // adjoint of the state
-  double* __restrict a = gh + N;
-  double* __restrict gAacc = a + N;
-  double* __restrict h = gAacc + N;
-  std::vector<float> m(N);
-  const T* __restrict B = s.B + b * L * N;
-  const T* __restrict C = s.C + b * L * N;
-  std::fill(gB, gB + L * N, T(0));
-  std::fill(gC, gC + L * N, T(0));
-  for (int64_t d = d0; d < d1; ++d) {
-    const int64_t bd = b * s.nd + d;
-    const T* __restrict u = s.u + bd * L;
-    const T* __restrict dt = s.dt + bd * L;
-    const T* __restrict go = gout + bd * L;
-    const double Dv = s.D[d];
-    for (int64_t n = 0; n < N; ++n) {
-      a[n] = s.A[d * N + n];
-      gh[n] = glast != nullptr ? static_cast<double>(glast[bd * N + n]) : 0.0;
-      gAacc[n] = 0.0;
-    }
-    double gDacc = 0.0;
-    for (int64_t c = s.n_chunks() - 1; c >= 0; --c) {
-      const int64_t t0 = c * K, len = std::min(K, L - t0);
-      std::copy(hs + (bd * s.n_chunks() + c) * N, hs + (bd * s.n_chunks() + c + 1) * N, h0);
-      std::copy(h0, h0 + N, h);
-      for (int64_t j = 0; j < len; ++j) {
-        const int64_t t = t0 + j;
-        const double x = static_cast<double>(dt[t]) * u[t];
-        double* __restrict e = ebuf + j * N;
-        decays(dt[t], s.A + d * N, N, e, m.data());
-#pragma omp simd
-        for (int64_t n = 0; n < N; ++n) {
-          h[n] = e[n] * h[n] + x * B[t * N + n];
-          hbuf[j * N + n] = h[n];
-        }
-      }
-      for (int64_t j = len - 1; j >= 0; --j) {
-        const int64_t t = t0 + j;
-        const double gy = go[t], uv = u[t], dtv = dt[t];
-        const double* __restrict hprev = j > 0 ? hbuf + (j - 1) * N : h0;
-        double sA = 0.0, sB = 0.0;
-        gDacc += gy * uv;
-#pragma omp simd reduction(+ : sA, sB)
-        for (int64_t n = 0; n < N; ++n) {
-          const double g = gh[n] + gy * C[t * N + n];
-          const double e = ebuf[j * N + n];
-          const double q = g * e * hprev[n];
-          gC[t * N + n] += static_cast<T>(gy * hbuf[j * N + n]);
-          gB[t * N + n] += static_cast<T>(g * dtv * uv);
-          gAacc[n] += dtv * q;
-          sA += a[n] * q;
-          sB += g * B[t * N + n];
-          gh[n] = g * e;
-        }
-        gu[bd * L + t] = static_cast<T>(gy * Dv + dtv * sB);
-        gdt[bd * L + t] = static_cast<T>(sA + uv * sB);
-      }
-    }
-    for (int64_t n = 0; n < N; ++n) gA[bd * N + n] = gAacc[n];
-    if (gh0 != nullptr)
-      for (int64_t n = 0; n < N; ++n) gh0[bd * N + n] = static_cast<T>(gh[n]);
-    gD[bd] = gDacc;
-  }
-}
-
-template <typename T>
-void forward(const Scan<T>& s, T* out, double* hs, T* last, int n_threads) {
-  parallel_for(s.nb * s.nd, n_threads, [&](int64_t bd) {
-    if (s.N == 16)
-      forward_channel<T, 16>(s, bd, out, hs, last);
-    else
-      forward_channel<T, 0>(s, bd, out, hs, last);
-  });
-}
-
-template <typename T>
-void backward(const Scan<T>& s, int64_t G, const double* hs, const T* gout, const T* glast,
-              T* gu, T* gdt, double* gA, double* gD, T* gB, T* gC, T* gh0, int n_threads) {
-  parallel_for(s.nb * G, n_threads, [&](int64_t task) {
-    const int64_t b = task / G, g = task % G;
-    const int64_t d0 = g * s.nd / G, d1 = (g + 1) * s.nd / G;
-    T* gBp = gB + task * s.L * s.N;
-    T* gCp = gC + task * s.L * s.N;
-    if (s.N == 16)
-      backward_group<T, 16>(s, b, d0, d1, hs, gout, glast, gu, gdt, gA, gD, gBp, gCp, gh0);
-    else
-      backward_group<T, 0>(s, b, d0, d1, hs, gout, glast, gu, gdt, gA, gD, gBp, gCp, gh0);
-  });
-}
-
-// Causal depthwise conv (kernel K, left zero padding K-1) followed by SiLU, one task per row
-// of [b, d, L]; the backward recomputes the pre-activation instead of storing it.
-inline double sigmoid(double x) { return 1.0 / (1.0 + exp_simd(-x)); }
-
-template <typename T>
-void conv_silu_forward(const T* x, const T* w, const T* bias, int64_t nb, int64_t nd,
-                       int64_t L, int64_t K, T* out, int n_threads) {
-  parallel_for(nb * nd, n_threads, [&](int64_t bd) {
-    const int64_t d = bd % nd;
-    // xp: the row with K-1 zeros in front; one loop over time per tap, so each vectorises
-    std::vector<double> xbuf(L + K - 1, 0.0), pbuf(L, static_cast<double>(bias[d]));
-    double* __restrict xp = xbuf.data();
-    double* __restrict pre = pbuf.data();
-    for (int64_t t = 0; t < L; ++t) xp[K - 1 + t] = x[bd * L + t];
-    for (int64_t k = 0; k < K; ++k) {
-      const double wk = w[d * K + k];
-#pragma omp simd
-      for (int64_t t = 0; t < L; ++t) pre[t] += wk * xp[t + k];
-    }
-    T* __restrict o = out + bd * L;
-#pragma omp simd
-    for (int64_t t = 0; t < L; ++t) o[t] = static_cast<T>(pre[t] * sigmoid(pre[t]));
-  });
-}
-
-template <typename T>
-void conv_silu_backward(const T* x, const T* w, const T* bias, const T* gout, int64_t nb,
-                        int64_t nd, int64_t L, int64_t K, T* gx, double* gw, double* gb,
-                        int n_threads) {
-  parallel_for(nb * nd, n_threads, [&](int64_t bd) {
-    const int64_t d = bd % nd;
-    // xp: the row with K-1 zeros in front; gp: d out / d pre-activation with K-1 zeros behind
-    std::vector<double> xbuf(L + K - 1, 0.0), gbuf(L + K - 1, 0.0);
-    std::vector<double> pbuf(L, static_cast<double>(bias[d])), abuf(L, 0.0);
-    double* __restrict xp = xbuf.data();
-    double* __restrict gp = gbuf.data();
-    double* __restrict pre = pbuf.data();
-    double* __restrict acc = abuf.data();
-    for (int64_t t = 0; t < L; ++t) xp[K - 1 + t] = x[bd * L + t];
-    for (int64_t k = 0; k < K; ++k) {
-      const double wk = w[d * K + k];
-#pragma omp simd
-      for (int64_t t = 0; t < L; ++t) pre[t] += wk * xp[t + k];
-    }
-    const T* __restrict go = gout + bd * L;
-    double gbias = 0.0;
-#pragma omp simd reduction(+ : gbias)
-    for (int64_t t = 0; t < L; ++t) {
-      const double sg = sigmoid(pre[t]);
-      gp[t] = go[t] * sg * (1.0 + pre[t] * (1.0 - sg));
-      gbias += gp[t];
-    }
-    gb[bd] = gbias;
-    for (int64_t k = 0; k < K; ++k) {
-      const double wk = w[d * K + k];
-      double gwk = 0.0;
-      // x[s] feeds outputs s .. s+K-1 through taps K-1 .. 0
-#pragma omp simd reduction(+ : gwk)
-      for (int64_t t = 0; t < L; ++t) {
-        gwk += gp[t] * xp[t + k];
-        acc[t] += wk * gp[t + K - 1 - k];
-      }
-      gw[bd * K + k] = gwk;
-    }
-    T* __restrict g = gx + bd * L;
-#pragma omp simd
-    for (int64_t t = 0; t < L; ++t) g[t] = static_cast<T>(acc[t]);
-  });
-}
-
-}  // namespace
-
-#define SCAN_API(T, SUFFIX)                                                                     \
-  extern "C" void scan_fwd_##SUFFIX(const T* u, const T* dt, const T* A, const T* B,          \
-                                     const T* C, const T* D, const T* h0, int64_t nb,          \
-                                     int64_t nd, int64_t L, int64_t N, int64_t K, T* out,      \
-                                     double* hs, T* last, int n_threads) {                     \
-    forward(Scan<T>{u, dt, A, B, C, D, h0, nb, nd, L, N, K}, out, hs, last, n_threads);        \
-  }                                                                                            \
-  extern "C" void scan_bwd_##SUFFIX(const T* u, const T* dt, const T* A, const T* B,          \
-                                     const T* C, const T* D, int64_t nb, int64_t nd,           \
-                                     int64_t L, int64_t N, int64_t K, int64_t G,               \
-                                     const double* hs, const T* gout, const T* glast, T* gu,   \
-                                     T* gdt, double* gA, double* gD, T* gB, T* gC, T* gh0,     \
-                                     int n_threads) {                                          \
-    backward(Scan<T>{u, dt, A, B, C, D, nullptr, nb, nd, L, N, K}, G, hs, gout, glast, gu,     \
-             gdt, gA, gD, gB, gC, gh0, n_threads);                                             \
-  }
-
-#define CONV_API(T, SUFFIX)                                                                     \
-  extern "C" void conv_fwd_##SUFFIX(const T* x, const T* w, const T* bias, int64_t nb,         \
-                                     int64_t nd, int64_t L, int64_t K, T* out, int n_threads) { \
-    conv_silu_forward(x, w, bias, nb, nd, L, K, out, n_threads);                               \
-  }                                                                                            \
-  extern "C" void conv_bwd_##SUFFIX(const T* x, const T* w, const T* bias, const T* gout,      \
-                                     int64_t nb, int64_t nd, int64_t L, int64_t K, T* gx,      \
-                                     double* gw, double* gb, int n_threads) {                  \
-    conv_silu_backward(x, w, bias, gout, nb, nd, L, K, gx, gw, gb, n_threads);                 \
-  }
-
-SCAN_API(float, f32)
-SCAN_API(double, f64)
-CONV_API(float, f32)
-CONV_API(double, f64)
-"""
-
-# Steps between stored states: the backward recomputes each chunk from its first state, so the
-# forward keeps [B, D, L / K, N] float64 instead of the whole [B, D, L, N] history.
+_KERNEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ssm_kernel.cpp")
+_BUILD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build", "ssm")
+# -fno-trapping-math: without it g++ keeps the clamps in ssm_kernel.cpp's exp as branches and
+# vectorises nothing (the kernel does not use floating-point exceptions)
+_BASE_FLAGS = ["-O3", "-fno-trapping-math", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+# Steps per block: the forward stores each channel's state at the start of every block and the
+# backward recomputes a block from it, so the forward keeps [B, D, L / K, N] instead of the whole
+# [B, D, L, N] history; a block's rows of B, C and their gradients (K x N each) stay in cache.
 _CHUNK = 128
-# Backward tasks per call: each batch item's channels are split into this many groups over the
-# batch (at least one), each group summing its own dB and dC (a [L, N] buffer per group), so
-# that small batches still use every thread and the result does not depend on the thread count.
+# Tasks per call: each batch item's channels are split into this many groups over the batch (at
+# least one group per item), so that small batches still use every thread; in the backward each
+# group sums its own dB and dC (a [L, N] buffer per group), so the result does not depend on the
+# thread count.
 _TASKS = 8
+# The kernel keeps a channel's states in fixed-size arrays of this many (ssm_kernel.cpp kMaxN).
+_MAX_STATE = 64
 _kernel = None
 _kernel_error = None
 
 
+def _cpu_id():
+    # What a -march=native build depends on: a library built on a machine with AVX-512 dies
+    # with SIGILL on one without, so the instruction sets are part of the cache key.
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        import platform
+
+        return platform.processor() + platform.machine()
+
+
+def _arch_flag_choices():
+    # -march=native first; if the compiler rejects it, AVX2 + FMA where the CPU has them, then
+    # the compiler's generic target.
+    choices = [["-march=native"]]
+    if {"avx2", "fma"} <= set(_cpu_id().split()):
+        choices.append(["-mavx2", "-mfma"])
+    return choices + [[]]
+
+
+def _build_kernel(compiler, arch_flags):
+    # -> (path of the built library, None) or (None, the compiler's error message with the path
+    # of the log file that holds its whole output)
+    with open(_KERNEL_PATH) as f:
+        source = f.read()
+    flags = _BASE_FLAGS + arch_flags
+    key_text = "\n".join([source, " ".join(flags), _cpu_id()])
+    key = hashlib.sha1(key_text.encode()).hexdigest()[:16]
+    lib_path = os.path.join(_BUILD_DIR, f"scan_{key}.so")
+    if os.path.exists(lib_path):
+        return lib_path, None
+    os.makedirs(_BUILD_DIR, exist_ok=True)
+    # a per-process output name, renamed when done: concurrent first uses do not clash
+    tmp = f"{lib_path}.{os.getpid()}.tmp"
+    cmd = [compiler, *flags, _KERNEL_PATH, "-o", tmp]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        log_path = os.path.join(_BUILD_DIR, f"scan_{key}.log")
+        with open(log_path, "w") as f:
+            f.write(" ".join(cmd) + "\n\n" + result.stdout + result.stderr)
+        lines = result.stderr.splitlines() or ["no output"]
+        first = next((line for line in lines if "error" in line), lines[0])
+        return None, f"{first.strip()} (whole output in {log_path})"
+    os.replace(tmp, lib_path)
+    return lib_path, None
+
+
 def _load_kernel():
-    # Built on first use (about a second with g++) into build/ next to this file, keyed by a
-    # hash of source and flags; -march=native is fine because it is built where it runs.
+    # Built on first use (about two seconds with g++) from ssm_kernel.cpp into build/ next to
+    # this file, cached under a hash of the source, the flags and the CPU.
     global _kernel, _kernel_error
     if _kernel is not None:
         return _kernel
     if _kernel_error is not None:
         raise RuntimeError(_kernel_error)
-    flags = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
-    key = hashlib.sha1((_KERNEL_SOURCE + " ".join(flags)).encode()).hexdigest()[:12]
-    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build", "ssm")
-    lib_path = os.path.join(folder, f"scan_{key}.so")
     try:
-        if not os.path.exists(lib_path):
-            compiler = shutil.which("g++") or shutil.which("c++")
-            if compiler is None:
-                raise RuntimeError("no C++ compiler (g++ or c++) on PATH")
-            os.makedirs(folder, exist_ok=True)
-            # per-process source and output names: concurrent first uses do not clash
-            src = f"{lib_path}.{os.getpid()}.cpp"
-            tmp = f"{lib_path}.{os.getpid()}.tmp"
-            with open(src, "w") as f:
-                f.write(_KERNEL_SOURCE)
-            result = subprocess.run(
-                [compiler, *flags, src, "-o", tmp], capture_output=True, text=True
-            )
-            os.remove(src)
-            if result.returncode != 0:
-                lines = result.stderr.splitlines() or ["no output"]
-                first = next((line for line in lines if "error" in line), lines[0])
-                raise RuntimeError(f"{compiler} failed: {first.strip()}")
-            os.replace(tmp, lib_path)
+        compiler = shutil.which("g++") or shutil.which("c++")
+        if compiler is None:
+            raise RuntimeError("no C++ compiler (g++ or c++) on PATH")
+        errors = []
+        for arch_flags in _arch_flag_choices():
+            lib_path, error = _build_kernel(compiler, arch_flags)
+            if lib_path is not None:
+                break
+            errors.append(f"{' '.join(arch_flags) or 'generic'}: {error}")
+        else:
+            raise RuntimeError(f"{compiler} failed: " + "; ".join(errors))
         lib = ctypes.CDLL(lib_path)
     except (OSError, RuntimeError) as e:
         _kernel_error = f"compiled scan kernel unavailable ({e}); use impl='torch'"
         raise RuntimeError(_kernel_error) from e
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for suffix in ("f32", "f64"):
-        getattr(lib, f"scan_fwd_{suffix}").argtypes = [p] * 7 + [i64] * 5 + [p] * 3 + [i32]
+        getattr(lib, f"scan_fwd_{suffix}").argtypes = [p] * 7 + [i64] * 6 + [p] * 3 + [i32]
         getattr(lib, f"scan_bwd_{suffix}").argtypes = (
             [p] * 6 + [i64] * 6 + [p] * 10 + [i32]
         )
@@ -518,6 +235,11 @@ def _load_kernel():
 
 def _ptr(t):
     return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+def _groups(nb, nd):
+    # channel groups per batch item, see _TASKS
+    return min(nd, max(1, -(-_TASKS // nb)))
 
 
 class _CompiledScan(torch.autograd.Function):
@@ -534,16 +256,17 @@ class _CompiledScan(torch.autograd.Function):
         out = torch.empty_like(u)
         last = u.new_empty(nb, nd, n_state)
         hs = None
+        ctx.chunk = _CHUNK
         if any(ctx.needs_input_grad):
-            n_chunks = -(-length // _CHUNK)
-            hs = u.new_empty(nb, nd, n_chunks, n_state, dtype=torch.float64)
+            hs = u.new_empty(nb, nd, -(-length // ctx.chunk), n_state)
         getattr(lib, f"scan_fwd_{suffix}")(
             *map(_ptr, (u, dt, A, B, C, D, h0)),
             nb,
             nd,
             length,
             n_state,
-            _CHUNK,
+            ctx.chunk,
+            _groups(nb, nd),
             *map(_ptr, (out, hs, last)),
             torch.get_num_threads(),
         )
@@ -558,7 +281,7 @@ class _CompiledScan(torch.autograd.Function):
         lib = _load_kernel()
         nb, nd, length = u.shape
         n_state = A.shape[1]
-        groups = min(nd, max(1, -(-_TASKS // nb)))
+        groups = _groups(nb, nd)
         suffix = "f32" if u.dtype == torch.float32 else "f64"
         gout, glast = gout.contiguous(), glast.contiguous()
         gu, gdt = torch.empty_like(u), torch.empty_like(u)
@@ -573,7 +296,7 @@ class _CompiledScan(torch.autograd.Function):
             nd,
             length,
             n_state,
-            _CHUNK,
+            ctx.chunk,
             groups,
             *map(_ptr, (hs, gout, glast, gu, gdt, gA, gD, gB, gC, gh0)),
             torch.get_num_threads(),
@@ -608,6 +331,11 @@ def _selective_scan_compiled(
         )
     if u.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"impl='compiled' needs float32 or float64, got {u.dtype}")
+    if A.shape[1] > _MAX_STATE:
+        raise ValueError(
+            f"impl='compiled' takes at most {_MAX_STATE} states, got {A.shape[1]}: "
+            "use impl='torch'"
+        )
     # Bias, softplus and gate stay in PyTorch (cheap elementwise passes with autograd); the
     # kernel does the recurrence and the skip.
     dt = delta if delta_bias is None else delta + delta_bias[:, None]

@@ -4,6 +4,7 @@ backward under gradcheck, long float32 scans, and the Mamba mixer's mamba_ssm pa
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -234,15 +235,23 @@ def test_bad_impl_and_dtype():
         ssm.selective_scan(*(a.half() for a in args), impl="compiled")
 
 
-def test_failed_build_is_reported(monkeypatch, capsys):
-    monkeypatch.setattr(ssm, "_KERNEL_SOURCE", "this is not C++")
+def test_failed_build_is_reported(monkeypatch, capsys, tmp_path):
+    bad_source = tmp_path / "ssm_kernel.cpp"
+    bad_source.write_text("this is not C++")
+    monkeypatch.setattr(ssm, "_KERNEL_PATH", str(bad_source))
+    monkeypatch.setattr(ssm, "_BUILD_DIR", str(tmp_path / "build"))
     monkeypatch.setattr(ssm, "_kernel", None)
     monkeypatch.setattr(ssm, "_kernel_error", None)
     monkeypatch.setattr(ssm, "_fallback_reported", False)
     inputs = scan_inputs(1, 2, 8)
     args = (inputs["u"], inputs["delta"].exp(), inputs["A"], inputs["B"], inputs["C"])
-    with pytest.raises(RuntimeError, match="impl='torch'"):
+    with pytest.raises(RuntimeError, match="impl='torch'") as failure:
         ssm.selective_scan(*args, impl="compiled")
+    # every build tried (-march=native first) keeps the compiler's whole output in a log
+    # file that the message names
+    logs = re.findall(r"whole output in (\S+\.log)", str(failure.value))
+    assert len(logs) == len(ssm._arch_flag_choices())
+    assert all("this is not C++" in open(log).read() for log in logs)
     y = ssm.selective_scan(*args, impl="auto")
     ssm.selective_scan(*args, impl="auto")
     torch.testing.assert_close(y, ssm.selective_scan_ref(*args))

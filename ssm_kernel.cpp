@@ -1,0 +1,401 @@
+// Selective scan forward and backward, and causal depthwise conv + SiLU, for CPU; built and
+// called by ssm.py (see its docstring for the scan's definition and shapes).
+//
+// Layout of the work: a task is one group of channels of one batch item, handed to an OpenMP
+// thread. A task walks through time in blocks of K steps (K is also the interval at which the
+// forward stores states for the backward), and inside a block through its channels, so that
+// the block's rows of B and C (and of their gradients) stay in cache while every channel of the
+// group reads them. Within a channel the N states are the SIMD lanes: with N = 16, two AVX2
+// registers or one AVX-512 register of float32, from the same plain C++ (no intrinsics).
+//
+// Precision: float32 inputs are computed in float32 throughout, except sums over time of
+// gradients (dA, dD), which are kept per block in float32 and added up in float64. The decay
+// exp(dt * A) is never formed: the update is written h += expm1(dt * A) * h + dt * B * u, with
+// expm1 accurate to float32's relative precision. Over a slow decay (dt * A = -1e-5, say) what
+// matters is the distance 1 - exp(dt * A), which a float32 exp would round to two digits;
+// expm1 keeps it to seven, and the state then stays within ~1e-6 of the float64 reference over
+// 48,000 steps (tests/test_ssm.py). float64 inputs are computed in float64 throughout.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// The largest state size the kernel takes (ssm.py checks it): per-channel states live in
+// fixed-size arrays so that, with N a compile-time 16, the compiler keeps them in registers.
+constexpr int64_t kMaxN = 64;
+
+// 2^k for integral k in the exponent range of T, from its bits.
+inline float pow2(float k) {
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return scale;
+}
+inline double pow2(double k) {
+  // through int32: AVX2 has no vector conversion from double to int64
+  const int64_t bits = static_cast<int64_t>(static_cast<int32_t>(k) + 1023) << 52;
+  double scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return scale;
+}
+
+// expm1(r) / r^2 - 1 / r ... written as q(r) with expm1(r) = r + r^2 q(r), |r| <= ln2 / 2:
+// Taylor to degree 7 in float (relative error ~2e-8) and degree 12 in double (~2e-16).
+inline float expm1_core_q(float r) {
+  float q = 1.0f / 5040;
+  q = q * r + 1.0f / 720;
+  q = q * r + 1.0f / 120;
+  q = q * r + 1.0f / 24;
+  q = q * r + 1.0f / 6;
+  return q * r + 0.5f;
+}
+inline double expm1_core_q(double r) {
+  double q = 1.0 / 479001600;
+  q = q * r + 1.0 / 39916800;
+  q = q * r + 1.0 / 3628800;
+  q = q * r + 1.0 / 362880;
+  q = q * r + 1.0 / 40320;
+  q = q * r + 1.0 / 5040;
+  q = q * r + 1.0 / 720;
+  q = q * r + 1.0 / 120;
+  q = q * r + 1.0 / 24;
+  q = q * r + 1.0 / 6;
+  return q * r + 0.5;
+}
+
+template <typename T>
+struct ExpConstants;
+template <>
+struct ExpConstants<float> {
+  // clamp range; 1.5 * 2^23 rounds to nearest when added and subtracted (round() does not
+  // vectorise); ln 2 split in a part exact in k * ln2_hi and the rest
+  static constexpr float lo = -87.0f, hi = 88.0f, round = 12582912.0f;
+  static constexpr float log2e = 1.44269504f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+};
+template <>
+struct ExpConstants<double> {
+  static constexpr double lo = -708.0, hi = 709.0, round = 6755399441055744.0;
+  static constexpr double log2e = 1.4426950408889634, ln2_hi = 0.6931471803691238,
+                          ln2_lo = 1.9082149292705877e-10;
+};
+
+// expm1(x) = 2^k expm1(r) + (2^k - 1), x = k ln2 + r: keeps the relative precision of T for
+// small |x| and its absolute precision near -1. Plain arithmetic, so that it vectorises.
+template <typename T>
+inline T expm1_simd(T x) {
+  using E = ExpConstants<T>;
+  // ternaries on values, not std::min / std::max (which return references and end up as
+  // branches); g++ makes them vector selects only with -fno-trapping-math (ssm.py passes it)
+  x = x < E::lo ? E::lo : x;
+  x = x > E::hi ? E::hi : x;
+  const T k = (x * E::log2e + E::round) - E::round;
+  const T r = (x - k * E::ln2_hi) - k * E::ln2_lo;
+  const T em1 = r + r * r * expm1_core_q(r);
+  const T scale = pow2(k);
+  return scale * em1 + (scale - T(1));
+}
+
+// OpenMP, not std::thread: the library links libgomp.so.1, which resolves to the copy PyTorch
+// already loaded, so the kernel runs on PyTorch's own worker threads. Threads of our own would
+// compete with PyTorch's, which spin for a while after each parallel op.
+template <typename F>
+void parallel_for(int64_t n_tasks, int n_threads, F fn) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
+  for (int64_t i = 0; i < n_tasks; ++i) fn(i);
+}
+
+template <typename T>
+struct Scan {
+  const T *u, *dt, *A, *B, *C, *D;  // [b,d,L] [b,d,L] [d,N] [b,L,N] [b,L,N] [d]
+  const T* h0;                      // [b,d,N] initial state, or null for zeros
+  int64_t nb, nd, L, N, K;          // batch, channels, length, states, block length
+  int64_t G;                        // channel groups per batch item (tasks = nb * G)
+  int64_t n_blocks() const { return (L + K - 1) / K; }
+  int64_t d_begin(int64_t g) const { return g * nd / G; }
+};
+
+// One step of one channel: h += expm1(dt A) h + dt u B; returns C . h. m gets expm1(dt A)
+// (the backward keeps it). NS > 0 fixes the state count at compile time.
+template <typename T, int NS>
+inline T step(int64_t N_, const T* __restrict a, T dt, T x, const T* __restrict Bt,
+              const T* __restrict Ct, T* __restrict h, T* __restrict m) {
+  const int64_t N = NS > 0 ? NS : N_;
+  T y = 0;
+#pragma omp simd reduction(+ : y)
+  for (int64_t n = 0; n < N; ++n) {
+    const T mn = expm1_simd(dt * a[n]);
+    const T hn = h[n] + (mn * h[n] + x * Bt[n]);
+    h[n] = hn;
+    y += hn * Ct[n];
+    m[n] = mn;
+  }
+  return y;
+}
+
+// Forward of one task: channels [d0, d1) of batch item b, block by block. hs (if not null)
+// gets each channel's state at the start of every block: [b, d, n_blocks, N].
+template <typename T, int NS>
+void forward_task(const Scan<T>& s, int64_t b, int64_t d0, int64_t d1, T* out, T* hs,
+                  T* last) {
+  const int64_t N = NS > 0 ? NS : s.N, L = s.L, K = s.K, nblk = s.n_blocks();
+  std::vector<T> states((d1 - d0) * N, T(0));
+  for (int64_t d = d0; d < d1; ++d)
+    if (s.h0 != nullptr)
+      std::copy(s.h0 + (b * s.nd + d) * N, s.h0 + (b * s.nd + d + 1) * N,
+                states.begin() + (d - d0) * N);
+  const T* __restrict B = s.B + b * L * N;
+  const T* __restrict C = s.C + b * L * N;
+  for (int64_t c = 0; c < nblk; ++c) {
+    const int64_t t0 = c * K, t1 = std::min(L, t0 + K);
+    for (int64_t d = d0; d < d1; ++d) {
+      const int64_t bd = b * s.nd + d;
+      alignas(64) T h[kMaxN], m[kMaxN];
+      std::copy(states.begin() + (d - d0) * N, states.begin() + (d - d0 + 1) * N, h);
+      if (hs != nullptr) std::copy(h, h + N, hs + (bd * nblk + c) * N);
+      const T* __restrict a = s.A + d * N;
+      const T* __restrict u = s.u + bd * L;
+      const T* __restrict dt = s.dt + bd * L;
+      const T Dv = s.D[d];
+      T* __restrict o = out + bd * L;
+      for (int64_t t = t0; t < t1; ++t) {
+        const T y = step<T, NS>(N, a, dt[t], dt[t] * u[t], B + t * N, C + t * N, h, m);
+        o[t] = y + Dv * u[t];
+      }
+      std::copy(h, h + N, states.begin() + (d - d0) * N);
+    }
+  }
+  for (int64_t d = d0; d < d1; ++d)
+    std::copy(states.begin() + (d - d0) * N, states.begin() + (d - d0 + 1) * N,
+              last + (b * s.nd + d) * N);
+}
+
+// Gradients a task accumulates. gB, gC: this task's own [L, N] partial sums over its channels.
+template <typename T>
+struct Grads {
+  const T* gout;   // [b,d,L]
+  const T* glast;  // [b,d,N] gradient of the last state, or null
+  T *gu, *gdt;     // [b,d,L]
+  double *gA, *gD;  // [b,d,N] [b,d]: per batch item, summed over it by the caller
+  T *gB, *gC;      // [b,G,L,N]
+  T* gh0;          // [b,d,N] gradient of the initial state, or null
+};
+
+// Backward of one channel over one block [t0, t1): recomputes the block's states from its
+// stored first state, then runs the adjoint back through it. gh: the state's adjoint (in: at
+// the block's end; out: at its start); gA_block: this block's dA sums, added to.
+template <typename T, int NS>
+void backward_block(const Scan<T>& s, const Grads<T>& g, int64_t bd, int64_t t0, int64_t t1,
+                    const T* hstart, T* __restrict gh, T* __restrict gA_block, double* gDsum,
+                    T* __restrict hbuf, T* __restrict mbuf, T* __restrict gB,
+                    T* __restrict gC) {
+  const int64_t N = NS > 0 ? NS : s.N, L = s.L, b = bd / s.nd, d = bd % s.nd;
+  const T* __restrict a = s.A + d * N;
+  const T* __restrict u = s.u + bd * L;
+  const T* __restrict dt = s.dt + bd * L;
+  const T* __restrict go = g.gout + bd * L;
+  const T* __restrict B = s.B + b * L * N;
+  const T* __restrict C = s.C + b * L * N;
+  const T Dv = s.D[d];
+  alignas(64) T h[kMaxN];
+  std::copy(hstart, hstart + N, h);
+  for (int64_t t = t0; t < t1; ++t) {
+    step<T, NS>(N, a, dt[t], dt[t] * u[t], B + t * N, C + t * N, h, mbuf + (t - t0) * N);
+    std::copy(h, h + N, hbuf + (t - t0) * N);
+  }
+  double gD = 0.0;
+  for (int64_t t = t1 - 1; t >= t0; --t) {
+    const int64_t j = t - t0;
+    const T gy = go[t], uv = u[t], dtv = dt[t], x = dtv * uv;
+    const T* __restrict hprev = j > 0 ? hbuf + (j - 1) * N : hstart;
+    const T* __restrict hj = hbuf + j * N;
+    const T* __restrict mj = mbuf + j * N;
+    const T* __restrict Bt = B + t * N;
+    const T* __restrict Ct = C + t * N;
+    T* __restrict gBt = gB + j * N;
+    T* __restrict gCt = gC + j * N;
+    T sA = 0, sB = 0;
+    gD += static_cast<double>(gy) * uv;
+#pragma omp simd reduction(+ : sA, sB)
+    for (int64_t n = 0; n < (NS > 0 ? NS : N); ++n) {
+      const T gn = gh[n] + gy * Ct[n];  // d loss / d h_t
+      const T ge = gn + gn * mj[n];     // times exp(dt A) = 1 + expm1(dt A)
+      const T q = ge * hprev[n];        // d loss / d (dt A), over dt or A
+      gCt[n] += gy * hj[n];
+      gBt[n] += gn * x;
+      gA_block[n] += dtv * q;
+      sA += a[n] * q;
+      sB += gn * Bt[n];
+      gh[n] = ge;
+    }
+    g.gu[bd * L + t] = gy * Dv + dtv * sB;
+    g.gdt[bd * L + t] = sA + uv * sB;
+  }
+  *gDsum += gD;
+}
+
+// Backward of one task, blocks in reverse and, inside a block, every channel of the group.
+template <typename T, int NS>
+void backward_task(const Scan<T>& s, const Grads<T>& g, int64_t task, const T* hs) {
+  const int64_t N = NS > 0 ? NS : s.N, L = s.L, K = s.K, nblk = s.n_blocks();
+  const int64_t b = task / s.G, grp = task % s.G;
+  const int64_t d0 = s.d_begin(grp), d1 = s.d_begin(grp + 1), nch = d1 - d0;
+  std::vector<T> gh(nch * N, T(0)), work(2 * K * N), gA_block(N);
+  std::vector<double> gA(nch * N, 0.0), gD(nch, 0.0);
+  if (g.glast != nullptr)
+    for (int64_t d = d0; d < d1; ++d)
+      for (int64_t n = 0; n < N; ++n)
+        gh[(d - d0) * N + n] = g.glast[(b * s.nd + d) * N + n];
+  T* gB = g.gB + task * L * N;
+  T* gC = g.gC + task * L * N;
+  for (int64_t c = nblk - 1; c >= 0; --c) {
+    const int64_t t0 = c * K, t1 = std::min(L, t0 + K);
+    std::fill(gB + t0 * N, gB + t1 * N, T(0));
+    std::fill(gC + t0 * N, gC + t1 * N, T(0));
+    for (int64_t d = d0; d < d1; ++d) {
+      const int64_t bd = b * s.nd + d;
+      std::fill(gA_block.begin(), gA_block.end(), T(0));
+      backward_block<T, NS>(s, g, bd, t0, t1, hs + (bd * nblk + c) * N, &gh[(d - d0) * N],
+                            gA_block.data(), &gD[d - d0], work.data(), work.data() + K * N,
+                            gB + t0 * N, gC + t0 * N);
+      for (int64_t n = 0; n < N; ++n) gA[(d - d0) * N + n] += gA_block[n];
+    }
+  }
+  for (int64_t d = d0; d < d1; ++d) {
+    const int64_t bd = b * s.nd + d;
+    std::copy(&gA[(d - d0) * N], &gA[(d - d0 + 1) * N], g.gA + bd * N);
+    g.gD[bd] = gD[d - d0];
+    if (g.gh0 != nullptr) std::copy(&gh[(d - d0) * N], &gh[(d - d0 + 1) * N], g.gh0 + bd * N);
+  }
+}
+
+template <typename T>
+void forward(const Scan<T>& s, T* out, T* hs, T* last, int n_threads) {
+  parallel_for(s.nb * s.G, n_threads, [&](int64_t task) {
+    const int64_t b = task / s.G, grp = task % s.G;
+    const int64_t d0 = s.d_begin(grp), d1 = s.d_begin(grp + 1);
+    if (s.N == 16)
+      forward_task<T, 16>(s, b, d0, d1, out, hs, last);
+    else
+      forward_task<T, 0>(s, b, d0, d1, out, hs, last);
+  });
+}
+
+template <typename T>
+void backward(const Scan<T>& s, const Grads<T>& g, const T* hs, int n_threads) {
+  parallel_for(s.nb * s.G, n_threads, [&](int64_t task) {
+    if (s.N == 16)
+      backward_task<T, 16>(s, g, task, hs);
+    else
+      backward_task<T, 0>(s, g, task, hs);
+  });
+}
+
+// Causal depthwise conv (kernel K, left zero padding K-1) followed by SiLU, one task per row
+// of [b, d, L], in T; the backward recomputes the pre-activation instead of storing it.
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(2) + expm1_simd(-x));
+}
+
+template <typename T>
+void conv_pre(const T* x, const T* w, T bias, int64_t L, int64_t K, T* __restrict xp,
+              T* __restrict pre) {
+  // xp: the row with K-1 zeros in front; one loop over time per tap, so each vectorises
+  std::fill(xp, xp + K - 1, T(0));
+  std::copy(x, x + L, xp + K - 1);
+  std::fill(pre, pre + L, bias);
+  for (int64_t k = 0; k < K; ++k) {
+    const T wk = w[k];
+#pragma omp simd
+    for (int64_t t = 0; t < L; ++t) pre[t] += wk * xp[t + k];
+  }
+}
+
+template <typename T>
+void conv_silu_forward(const T* x, const T* w, const T* bias, int64_t nb, int64_t nd,
+                       int64_t L, int64_t K, T* out, int n_threads) {
+  parallel_for(nb * nd, n_threads, [&](int64_t bd) {
+    const int64_t d = bd % nd;
+    std::vector<T> xbuf(L + K - 1), pbuf(L);
+    T* __restrict pre = pbuf.data();
+    conv_pre(x + bd * L, w + d * K, bias[d], L, K, xbuf.data(), pre);
+    T* __restrict o = out + bd * L;
+#pragma omp simd
+    for (int64_t t = 0; t < L; ++t) o[t] = pre[t] * sigmoid(pre[t]);
+  });
+}
+
+template <typename T>
+void conv_silu_backward(const T* x, const T* w, const T* bias, const T* gout, int64_t nb,
+                        int64_t nd, int64_t L, int64_t K, T* gx, double* gw, double* gb,
+                        int n_threads) {
+  parallel_for(nb * nd, n_threads, [&](int64_t bd) {
+    const int64_t d = bd % nd;
+    // gp: d out / d pre-activation with K-1 zeros behind
+    std::vector<T> xbuf(L + K - 1), pbuf(L), gbuf(L + K - 1, T(0));
+    T* __restrict xp = xbuf.data();
+    T* __restrict pre = pbuf.data();
+    T* __restrict gp = gbuf.data();
+    conv_pre(x + bd * L, w + d * K, bias[d], L, K, xp, pre);
+    const T* __restrict go = gout + bd * L;
+    double gbias = 0.0;
+#pragma omp simd reduction(+ : gbias)
+    for (int64_t t = 0; t < L; ++t) {
+      const T sg = sigmoid(pre[t]);
+      gp[t] = go[t] * sg * (T(1) + pre[t] * (T(1) - sg));
+      gbias += gp[t];
+    }
+    gb[bd] = gbias;
+    T* __restrict acc = gx + bd * L;
+    std::fill(acc, acc + L, T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const T wk = w[d * K + k];
+      double gwk = 0.0;
+      // x[s] feeds outputs s .. s+K-1 through taps K-1 .. 0
+#pragma omp simd reduction(+ : gwk)
+      for (int64_t t = 0; t < L; ++t) {
+        gwk += gp[t] * xp[t + k];
+        acc[t] += wk * gp[t + K - 1 - k];
+      }
+      gw[bd * K + k] = gwk;
+    }
+  });
+}
+
+}  // namespace
+
+#define SCAN_API(T, SUFFIX)                                                                  \
+  extern "C" void scan_fwd_##SUFFIX(const T* u, const T* dt, const T* A, const T* B,       \
+                                     const T* C, const T* D, const T* h0, int64_t nb,       \
+                                     int64_t nd, int64_t L, int64_t N, int64_t K, int64_t G, \
+                                     T* out, T* hs, T* last, int n_threads) {               \
+    forward(Scan<T>{u, dt, A, B, C, D, h0, nb, nd, L, N, K, G}, out, hs, last, n_threads);  \
+  }                                                                                         \
+  extern "C" void scan_bwd_##SUFFIX(const T* u, const T* dt, const T* A, const T* B,       \
+                                     const T* C, const T* D, int64_t nb, int64_t nd,        \
+                                     int64_t L, int64_t N, int64_t K, int64_t G,            \
+                                     const T* hs, const T* gout, const T* glast, T* gu,     \
+                                     T* gdt, double* gA, double* gD, T* gB, T* gC, T* gh0,  \
+                                     int n_threads) {                                       \
+    backward(Scan<T>{u, dt, A, B, C, D, nullptr, nb, nd, L, N, K, G},                       \
+             Grads<T>{gout, glast, gu, gdt, gA, gD, gB, gC, gh0}, hs, n_threads);           \
+  }
+
+#define CONV_API(T, SUFFIX)                                                                  \
+  extern "C" void conv_fwd_##SUFFIX(const T* x, const T* w, const T* bias, int64_t nb,      \
+                                     int64_t nd, int64_t L, int64_t K, T* out,              \
+                                     int n_threads) {                                       \
+    conv_silu_forward(x, w, bias, nb, nd, L, K, out, n_threads);                            \
+  }                                                                                         \
+  extern "C" void conv_bwd_##SUFFIX(const T* x, const T* w, const T* bias, const T* gout,   \
+                                     int64_t nb, int64_t nd, int64_t L, int64_t K, T* gx,   \
+                                     double* gw, double* gb, int n_threads) {               \
+    conv_silu_backward(x, w, bias, gout, nb, nd, L, K, gx, gw, gb, n_threads);              \
+  }
+
+SCAN_API(float, f32)
+SCAN_API(double, f64)
+CONV_API(float, f32)
+CONV_API(double, f64)
