@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import stream
 import utils
 from dataset import TrainDataset, ValidDataset, list_audio_files
 from losses import (
@@ -330,7 +331,14 @@ def validate(run: Run, writer: SummaryWriter | None = None, n_logged: int = 1):
     scores = {}
     logged_names = []
     for x, y, ratio, name in run.valid_set:
-        y_hat = run.generator(x.unsqueeze(0).to(run.device)).squeeze().cpu()  # [T]
+        # Scored as users get it: inference_wav's stream processor on the whole utterance,
+        # at the peak-normalising gain (the same code as evaluate.run_generator).
+        gain = stream.peak_gains(x.abs().max().item(), run.cfg.audio.peak)
+        y_hat = torch.from_numpy(
+            stream.process_whole(
+                run.generator, x[0].numpy(), sampling_rate, sampling_rate, gain
+            )
+        )  # [T]
         item = lsd(y[0], y_hat, sampling_rate, cutoff_hz=sampling_rate / ratio / 2)
         scores.setdefault(ratio, []).append(item)
         if name not in logged_names and len(logged_names) < n_logged:
@@ -434,38 +442,79 @@ def save_checkpoints(run: Run, checkpoint_path: str) -> None:
 
 
 def resume(run: Run, checkpoint_path: str) -> bool:
-    """Restores the newest checkpoint pair in checkpoint_path, if there is one.
+    """Restores the newest complete, loadable checkpoint pair in checkpoint_path.
+
+    A newer pair that is incomplete or damaged (a file missing, empty, truncated, refused as
+    unsafe or malformed) is skipped with one line on stderr saying why, and left in place.
 
     Returns:
-        True if the run was restored, False if the folder holds no checkpoint.
+        True if the run was restored, False if the folder holds no do_ checkpoint. Raises
+        ValueError (one line) if it holds some but no pair loads.
     """
-    do_path = utils.scan_checkpoint(checkpoint_path, "do_")
-    if do_path is None:
+    do_steps = utils.checkpoint_steps(checkpoint_path, "do_")
+    if not do_steps:
         return False
-    # On the CPU: the RNG states must stay there; load_state_dict moves the rest.
-    state = utils.load_checkpoint(do_path)
-    g_path = os.path.join(checkpoint_path, f"g_{state['step']:08d}")
-    run.generator.load_state_dict(utils.load_checkpoint(g_path)["generator"])
-    run.mpd.load_state_dict(state["mpd"])
-    run.msd.load_state_dict(state["msd"])
-    run.optim_g.load_state_dict(state["optim_g"])
-    run.optim_d.load_state_dict(state["optim_d"])
-    run.sched_g.load_state_dict(state["sched_g"])
-    run.sched_d.load_state_dict(state["sched_d"])
-    run.step, run.epoch, run.epoch_step = (
-        state["step"],
-        state["epoch"],
-        state["epoch_step"],
+    steps = sorted(set(do_steps) | set(utils.checkpoint_steps(checkpoint_path, "g_")))
+    skipped = []
+    for step in reversed(steps):
+        try:
+            config = _restore(run, checkpoint_path, step)
+        except ValueError as e:
+            skipped.append(f"step {step}: {' '.join(str(e).split())}")
+            continue
+        if run.rank == 0:
+            for reason in skipped:
+                print(f"resume: skipped {reason} (left in place)", file=sys.stderr)
+            changed = _changed_keys(config, utils.config_to_dict(run.cfg))
+            if changed:
+                print(
+                    f"resuming with a config that differs from step {step}'s in: "
+                    f"{', '.join(changed)}",
+                    file=sys.stderr,
+                )
+        return True
+    raise ValueError(
+        f"{checkpoint_path}: no complete, loadable checkpoint pair to resume from "
+        f"(newest: {skipped[0]})"
     )
-    run.best = dict(state["best"])
-    _set_rng_states(state["rng"])
-    changed = _changed_keys(state["config"], utils.config_to_dict(run.cfg))
-    if changed and run.rank == 0:
-        print(
-            f"resuming with a config that differs from {do_path} in: {', '.join(changed)}",
-            file=sys.stderr,
-        )
-    return True
+
+
+def _restore(run: Run, checkpoint_path: str, step: int) -> dict:
+    """Loads the g_/do_ pair of `step` into run and returns the config it was saved with.
+
+    Raises ValueError, naming the file, if the pair is incomplete or either file is damaged;
+    a later call with an older pair then overwrites whatever was already loaded.
+    """
+    g_path, do_path = (
+        os.path.join(checkpoint_path, f"{prefix}{step:08d}") for prefix in ("g_", "do_")
+    )
+    for path, other in ((g_path, do_path), (do_path, g_path)):
+        if not os.path.isfile(path):
+            name, other_name = os.path.basename(path), os.path.basename(other)
+            raise ValueError(f"no {name} beside {other_name}")
+    # On the CPU: the RNG states must stay there; load_state_dict moves the rest.
+    state, g_state = utils.load_checkpoint(do_path), utils.load_checkpoint(g_path)
+    path, key = g_path, "generator"
+    try:
+        run.generator.load_state_dict(g_state[key])
+        path = do_path
+        for key in ("mpd", "msd", "optim_g", "optim_d", "sched_g", "sched_d"):
+            getattr(run, key).load_state_dict(state[key])
+        key = "step"
+        if state[key] != step:
+            raise ValueError(f"it holds step {state[key]}")
+        key = "epoch"
+        run.epoch, run.epoch_step = int(state["epoch"]), int(state["epoch_step"])
+        run.step = step
+        key = "best"
+        run.best = dict(state[key])
+        key = "rng"
+        _set_rng_states(state[key])
+        key = "config"
+        return dict(state[key])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ValueError(f"{path}: its '{key}' does not load ({reason})") from None
 
 
 def init_generator(run: Run, path: str) -> int | None:

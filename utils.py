@@ -332,6 +332,14 @@ def _numbered_checkpoints(directory: str, prefix: str) -> list[str]:
     return sorted(p for p in paths if pattern.match(os.path.basename(p)))
 
 
+def checkpoint_steps(directory: str, prefix: str) -> list[int]:
+    """The step numbers of the `prefix########` checkpoints in `directory`, ascending."""
+    return [
+        int(os.path.basename(path)[len(prefix) :])
+        for path in _numbered_checkpoints(directory, prefix)
+    ]
+
+
 def scan_checkpoint(directory: str, prefix: str) -> str | None:
     """The newest `prefix########` checkpoint in `directory` (by step number), or None."""
     found = _numbered_checkpoints(directory, prefix)

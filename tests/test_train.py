@@ -481,6 +481,7 @@ def test_resume_refuses_pickled_code(data, tiny_discriminators, tmp_path, capsys
     folder = tmp_path / "run"
     folder.mkdir()
     marker = tmp_path / "payload_ran"
+    utils.save_checkpoint(str(folder / "g_00000001"), {"generator": {}, "step": 1})
     booby_trap(folder / "do_00000001", {"step": 1}, marker)
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--checkpoint_path", str(folder)] + TINY + data)
@@ -488,3 +489,58 @@ def test_resume_refuses_pickled_code(data, tiny_discriminators, tmp_path, capsys
     assert exit_info.value.code == 1 and "refusing to load" in err
     assert len(err.strip().splitlines()) == 1, err
     assert not marker.exists()
+
+
+def _two_checkpoint_pairs(data, folder) -> utils.Config:
+    cfg = utils.load_config("cfgs.json", TINY + data + ["train.keep_checkpoints=3"])
+    run = train.build(cfg)
+    for step in (2, 4):
+        run.step = step
+        train.save_checkpoints(run, str(folder))
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "name, damage, reason",
+    [
+        ("do_00000004", "truncate", "cannot read"),
+        ("g_00000004", "empty", "cannot read"),
+        ("g_00000004", "delete", "no g_00000004"),
+        ("do_00000004", "delete", "no do_00000004"),  # killed between the two writes
+        ("do_00000004", "trap", "refusing to load"),
+        ("do_00000004", "malform", "optim_g"),
+    ],
+)
+def test_resume_skips_a_damaged_newest_pair(
+    data, tiny_discriminators, tmp_path, capsys, name, damage, reason
+):
+    cfg = _two_checkpoint_pairs(data, tmp_path)
+    path = tmp_path / name
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "delete":
+        path.unlink()
+    elif damage == "trap":
+        booby_trap(path, utils.load_checkpoint(str(path)), tmp_path / "payload_ran")
+    else:
+        broken = {**utils.load_checkpoint(str(path)), "optim_g": "not a state"}
+        utils.save_checkpoint(str(path), broken)
+    run = train.build(cfg)
+    capsys.readouterr()
+    assert train.resume(run, str(tmp_path))
+    assert (run.step, run.epoch_step) == (2, 0)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "step 4" in lines[0] and reason in lines[0], lines
+    assert path.exists() == (damage != "delete")  # left in place, never deleted
+    assert not (tmp_path / "payload_ran").exists()
+
+
+def test_resume_without_a_loadable_pair_is_one_line(data, tiny_discriminators, tmp_path):
+    cfg = _two_checkpoint_pairs(data, tmp_path)
+    for name in ("do_00000002", "do_00000004"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ValueError, match="no complete, loadable") as info:
+        train.resume(train.build(cfg), str(tmp_path))
+    assert "\n" not in str(info.value) and "do_00000004" in str(info.value)
