@@ -133,3 +133,65 @@ def si_sdr(y, y_hat) -> float:
     if noise == 0:
         return float("inf")
     return float(10 * np.log10(signal / noise))
+
+
+# Spectral diagnostics: the long-term spectrum of the output against the reference's. LSD alone
+# cannot tell a model that lowered it honestly from one that traded one artefact for another.
+TONE_SPACING_HZ = 3000  # 48 kHz / 16: the tones a 16x down-sampling U-Net tends to leave
+TONE_NEIGHBOURHOOD = 12  # bins each side whose median is a tone's background (281 Hz)
+
+
+def long_term_spectrum(x) -> np.ndarray:
+    """Mean power over STFT frames (n_fft 2048, hop 512, Hann, uncentred), float64 [1025]."""
+    x = _as_signal(x, "x").to(torch.float64)
+    if len(x) < N_FFT:
+        raise ValueError(f"the long-term spectrum needs {N_FFT} samples, got {len(x)}")
+    window = torch.hann_window(N_FFT, dtype=x.dtype)
+    spec = torch.stft(x, N_FFT, HOP_SIZE, window=window, center=False, return_complex=True)
+    return spec.abs().square().mean(dim=-1).numpy()
+
+
+def _db(ratio: float) -> float:
+    return float(10 * np.log10(max(ratio, 1e-30)))
+
+
+def band_level_errors(y, y_hat, cutoff_hz: float, sr: int = 48000) -> list[float]:
+    """Output over reference energy, in dB, per octave above cutoff_hz (the last one stops just
+    below the Nyquist bin, which tone_excess covers): (cutoff, 2 cutoff], (2 cutoff, 4 cutoff],
+    ... Negative: too quiet."""
+    y, y_hat = _pair(y, y_hat)
+    ref, out = long_term_spectrum(y), long_term_spectrum(y_hat)
+    freqs = np.arange(len(ref)) * sr / N_FFT
+    errors, low = [], cutoff_hz
+    while low < sr / 2:
+        band = (freqs > low) & (freqs <= 2 * low) & (freqs < sr / 2)
+        errors.append(_db(out[band].sum() / max(ref[band].sum(), 1e-30)))
+        low *= 2
+    return errors
+
+
+def _prominence_db(power: np.ndarray, k: int) -> float:
+    # The bin's level over the median of its neighbourhood (the bins right beside it excluded:
+    # a Hann window spreads a tone over three bins).
+    lo, hi = max(k - TONE_NEIGHBOURHOOD, 0), min(k + TONE_NEIGHBOURHOOD + 1, len(power))
+    around = np.r_[power[lo : max(k - 1, lo)], power[min(k + 2, hi) : hi]]
+    return _db(power[k] / max(np.median(around), 1e-30))
+
+
+def tone_excess(y, y_hat, sr: int = 48000) -> dict:
+    """How far the output's long-term spectrum rises above its own neighbourhood, minus the same
+    for the reference, in dB: at the Nyquist bin ("tone_nyquist_db") and the largest over the
+    multiples of 3 kHz below it ("tone_3k_db"); near 0 for a clean output. Also the output's
+    level at the Nyquist bin over the reference's ("level_nyquist_db")."""
+    y, y_hat = _pair(y, y_hat)
+    ref, out = long_term_spectrum(y), long_term_spectrum(y_hat)
+    nyquist = len(ref) - 1
+    step = round(TONE_SPACING_HZ * N_FFT / sr)
+    excess = [
+        _prominence_db(out, k) - _prominence_db(ref, k) for k in range(step, nyquist, step)
+    ]
+    return {
+        "tone_nyquist_db": _prominence_db(out, nyquist) - _prominence_db(ref, nyquist),
+        "tone_3k_db": max(excess),
+        "level_nyquist_db": _db(out[nyquist] / max(ref[nyquist], 1e-30)),
+    }

@@ -195,3 +195,56 @@ def test_snr_rejects_silent_reference():
         metrics.snr(np.zeros(100), np.ones(100))
     with pytest.raises(ValueError, match="silent"):
         metrics.si_sdr(np.zeros(100), np.ones(100))
+
+
+def _long_term_spectrum_ref(x: np.ndarray) -> np.ndarray:
+    # Frame by frame in float64 with numpy: mean |rfft(frame * hann)|^2.
+    n = metrics.N_FFT
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)  # periodic Hann
+    starts = range(0, len(x) - n + 1, metrics.HOP_SIZE)
+    return np.mean([np.abs(np.fft.rfft(x[s : s + n] * window)) ** 2 for s in starts], 0)
+
+
+def test_long_term_spectrum_matches_numpy_reference():
+    # Signals arrive in float32, as every metric here takes them.
+    x = np.random.default_rng(0).standard_normal(9000).astype(np.float32)
+    np.testing.assert_allclose(
+        metrics.long_term_spectrum(x), _long_term_spectrum_ref(x.astype(np.float64)), rtol=1e-9
+    )
+
+
+def test_band_level_errors_per_octave():
+    # White noise against itself with the 4-8 kHz octave scaled by 0.5 (-6 dB) and the rest by
+    # 2 (+6 dB): the octaves above 4 kHz are 4-8, 8-16 and 16-24 kHz (Nyquist bin left out).
+    rng = np.random.default_rng(1)
+    y = rng.standard_normal(48000 * 2).astype(np.float32)
+    spec = np.fft.rfft(y)
+    freqs = np.fft.rfftfreq(len(y), 1 / 48000)
+    scaled = np.where((freqs > 4000) & (freqs <= 8000), 0.5, 2.0)
+    y_hat = np.fft.irfft(spec * scaled, len(y)).astype(np.float32)
+    errors = metrics.band_level_errors(y, y_hat, 4000)
+    ref, out = (_long_term_spectrum_ref(s.astype(np.float64)) for s in (y, y_hat))
+    bins = np.arange(len(ref)) * 48000 / metrics.N_FFT
+    bands = [(4000, 8000), (8000, 16000), (16000, 23999)]
+    expected = [
+        10 * np.log10(out[(bins > lo) & (bins <= hi)].sum() / ref[(bins > lo) & (bins <= hi)].sum())
+        for lo, hi in bands
+    ]
+    np.testing.assert_allclose(errors, expected, rtol=1e-6)
+    np.testing.assert_allclose(errors, [-6.02, 6.02, 6.02], atol=0.5)
+    assert metrics.band_level_errors(y, y, 12000) == [0.0]
+
+
+def test_tone_excess_finds_nyquist_and_3k_tones():
+    rng = np.random.default_rng(2)
+    t = np.arange(48000 * 2)
+    y = 0.1 * rng.standard_normal(len(t))
+    clean = metrics.tone_excess(y, y)
+    assert clean == {"tone_nyquist_db": 0.0, "tone_3k_db": 0.0, "level_nyquist_db": 0.0}
+    nyquist = y + 0.2 * (-1.0) ** t  # a constant tone at exactly 24 kHz
+    found = metrics.tone_excess(y, nyquist)
+    assert found["tone_nyquist_db"] > 20 and found["level_nyquist_db"] > 20
+    assert abs(found["tone_3k_db"]) < 3
+    nine_k = y + 0.2 * np.sin(2 * np.pi * 9000 * t / 48000)
+    found = metrics.tone_excess(y, nine_k)
+    assert found["tone_3k_db"] > 20 and abs(found["tone_nyquist_db"]) < 3
