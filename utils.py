@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import glob
 import json
+import math
 import os
 import pickle
 import random
@@ -18,6 +19,34 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+
+# Value rules for check_ranges: (test, what a value must be). Every value must also be finite.
+POSITIVE = (lambda v: v > 0, "positive")
+NON_NEGATIVE = (lambda v: v >= 0, "at least 0")
+POSITIVE_ODD = (lambda v: v > 0 and v % 2 == 1, "positive and odd")
+FRACTION = (lambda v: 0 < v <= 1, "in (0, 1]")
+ADAM_BETA = (lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def check_ranges(section: str, config, rules: dict) -> None:
+    """Checks fields of a config section against rules, as __post_init__ does.
+
+    Args:
+        section: the section's name in cfgs.json, for the message ("train").
+        config: the section's dataclass.
+        rules: field name -> (test, description); a tuple field must be non-empty and every
+            item must pass.
+    Raises:
+        ValueError naming the dotted key, e.g. "audio.peak must be in (0, 1], not 0.0".
+    """
+    for name, (test, what) in rules.items():
+        value = getattr(config, name)
+        items = value if isinstance(value, tuple) else (value,)
+        if not items or not all(math.isfinite(v) and test(v) for v in items):
+            shown = list(value) if isinstance(value, tuple) else value
+            each = "a non-empty list, each " if isinstance(value, tuple) else ""
+            raise ValueError(f"{section}.{name} must be {each}{what}, not {shown!r}")
 
 
 @dataclass(frozen=True)
@@ -42,6 +71,9 @@ class DataConfig:
                 raise ValueError(
                     f"data.{name} must be divisors of 48000, not {list(ratios)}"
                 )
+        check_ranges(
+            "data", self, {"random_gain_db": NON_NEGATIVE, "num_workers": NON_NEGATIVE}
+        )
 
 
 @dataclass(frozen=True)
@@ -55,10 +87,8 @@ class AudioConfig:
             raise ValueError(
                 f"audio.sampling_rate must be 48000, not {self.sampling_rate}"
             )
-        if self.segment_size <= 0 or self.segment_size % 16:
-            raise ValueError(
-                f"audio.segment_size must be a positive multiple of 16, not {self.segment_size}"
-            )
+        # Whole frames of the model's hop: checked by Config, which knows the model.
+        check_ranges("audio", self, {"segment_size": POSITIVE, "peak": FRACTION})
 
 
 @dataclass(frozen=True)
@@ -80,15 +110,41 @@ class ModelConfig:
     expand: int
 
     def __post_init__(self):
+        check_ranges(
+            "model",
+            self,
+            {
+                "channels": POSITIVE,
+                "down_kernel": POSITIVE,
+                "bottleneck_kernel": POSITIVE,
+                # stride 2 with padding (k - 2) / 2 doubles the length exactly
+                "up_kernels": (lambda k: k >= 2 and k % 2 == 0, "even and at least 2"),
+                "resblock_kernel": POSITIVE_ODD,  # odd: "same" padding keeps the length
+                "resblock_dilations": POSITIVE,
+                "head_kernel": POSITIVE_ODD,
+                "n_mamba_down": NON_NEGATIVE,
+                "n_mamba_bottleneck": NON_NEGATIVE,
+                "n_mamba_up": NON_NEGATIVE,
+                "d_state": POSITIVE,
+                "d_conv": POSITIVE,
+                "expand": POSITIVE,
+            },
+        )
         if len(self.up_kernels) != len(self.channels):
             raise ValueError(
                 f"model.up_kernels needs one kernel per stage ({len(self.channels)}), "
                 f"not {list(self.up_kernels)}"
             )
-        if any(k % 2 for k in self.up_kernels):
+        if self.channels[0] < 2:
             raise ValueError(
-                f"model.up_kernels must be even, not {list(self.up_kernels)}"
+                "model.channels[0] must be at least 2 (the decoder ends at "
+                f"channels[0] // 2 channels), not {list(self.channels)}"
             )
+
+    @property
+    def hop(self) -> int:
+        """Input samples per bottleneck frame: each of the len(channels) stages halves."""
+        return 2 ** len(self.channels)
 
 
 @dataclass(frozen=True)
@@ -121,6 +177,33 @@ class TrainConfig:
                 "cannot both be set: one warms up a new generator, the other new "
                 "discriminators for a trained one"
             )
+        check_ranges(
+            "train",
+            self,
+            {
+                "batch_size": POSITIVE,
+                "learning_rate": POSITIVE,
+                "adam_b1": ADAM_BETA,
+                "adam_b2": ADAM_BETA,
+                "weight_decay": NON_NEGATIVE,
+                "warmup_epochs": NON_NEGATIVE,
+                "warmup_start_factor": FRACTION,
+                "lr_decay": FRACTION,
+                "grad_clip_g": POSITIVE,
+                "grad_clip_d": POSITIVE,
+                "epochs": POSITIVE,
+                "generator_warmup_steps": NON_NEGATIVE,
+                "discriminator_warmup_steps": NON_NEGATIVE,
+                # NumPy seeds are unsigned 32-bit
+                "seed": (lambda v: 0 <= v < 2**32, "in [0, 2 ** 32)"),
+                "stdout_interval": POSITIVE,
+                "summary_interval": POSITIVE,
+                "validation_interval": POSITIVE,
+                "checkpoint_interval": POSITIVE,
+                "keep_checkpoints": POSITIVE,
+                "early_stop_patience": NON_NEGATIVE,
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -144,6 +227,35 @@ class LossConfig:
             raise ValueError(
                 "loss.stft_fft_sizes and loss.stft_hop_sizes differ in length"
             )
+        check_ranges(
+            "loss",
+            self,
+            {
+                "lambda_adv": NON_NEGATIVE,
+                "lambda_mrstft": NON_NEGATIVE,
+                "lambda_mel": NON_NEGATIVE,
+                "lambda_fm": NON_NEGATIVE,
+                "stft_fft_sizes": POSITIVE,
+                "stft_hop_sizes": POSITIVE,
+                "stft_n_mels": POSITIVE,
+                "mel_n_fft": POSITIVE,
+                "mel_hop_size": POSITIVE,
+                "mel_win_size": POSITIVE,
+                "mel_n_mels": POSITIVE,
+                "mel_fmin": NON_NEGATIVE,
+                "mel_fmax": POSITIVE,
+            },
+        )
+        if self.mel_win_size > self.mel_n_fft:
+            raise ValueError(
+                f"loss.mel_win_size ({self.mel_win_size}) must be at most "
+                f"loss.mel_n_fft ({self.mel_n_fft})"
+            )
+        if self.mel_fmax <= self.mel_fmin:
+            raise ValueError(
+                f"loss.mel_fmax ({self.mel_fmax}) must be above loss.mel_fmin "
+                f"({self.mel_fmin})"
+            )
 
 
 @dataclass(frozen=True)
@@ -153,6 +265,26 @@ class Config:
     model: ModelConfig
     train: TrainConfig
     loss: LossConfig
+
+    def __post_init__(self):
+        segment, hop = self.audio.segment_size, self.model.hop
+        if segment % hop:
+            raise ValueError(
+                f"audio.segment_size must be a multiple of the model's hop "
+                f"2 ** len(model.channels) = {hop}, not {segment}"
+            )
+        loss = self.loss
+        window = max(loss.stft_fft_sizes + (loss.mel_n_fft, loss.mel_win_size))
+        if segment < window:
+            raise ValueError(
+                f"audio.segment_size ({segment}) is shorter than the longest loss window "
+                f"({window}, from loss.stft_fft_sizes, loss.mel_n_fft, loss.mel_win_size)"
+            )
+        if loss.mel_fmax > self.audio.sampling_rate / 2:
+            raise ValueError(
+                f"loss.mel_fmax ({loss.mel_fmax}) must be at most the Nyquist frequency "
+                f"audio.sampling_rate / 2 ({self.audio.sampling_rate / 2:g})"
+            )
 
 
 def _convert(value, annotation, key: str, source: str):

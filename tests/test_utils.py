@@ -52,6 +52,77 @@ def test_wrong_type_and_relations_are_rejected(tmp_path):
         utils.load_config(CFGS, ["data.ratios=[7]"])
 
 
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["audio.peak=0"], "audio.peak"),
+        (["audio.peak=1.5"], "audio.peak"),
+        (["audio.peak=NaN"], "audio.peak"),
+        (["audio.segment_size=-16"], "audio.segment_size"),
+        (["data.num_workers=-1"], "data.num_workers"),
+        (["data.random_gain_db=-3"], "data.random_gain_db"),
+        (["model.channels=[]"], "model.channels"),
+        (["model.channels=[1,8,8,8]"], "model.channels"),
+        (["model.down_kernel=0"], "model.down_kernel"),
+        (["model.bottleneck_kernel=0"], "model.bottleneck_kernel"),
+        (["model.up_kernels=[0,4,8,8]"], "model.up_kernels"),
+        (["model.resblock_kernel=4"], "model.resblock_kernel"),
+        (["model.resblock_dilations=[1,0]"], "model.resblock_dilations"),
+        (["model.head_kernel=6"], "model.head_kernel"),
+        (["model.n_mamba_up=-1"], "model.n_mamba_up"),
+        (["model.d_state=0"], "model.d_state"),
+        (["model.d_conv=0"], "model.d_conv"),
+        (["model.expand=0"], "model.expand"),
+        (["train.batch_size=0"], "train.batch_size"),
+        (["train.learning_rate=0"], "train.learning_rate"),
+        (["train.learning_rate=Infinity"], "train.learning_rate"),
+        (["train.adam_b1=1"], "train.adam_b1"),
+        (["train.adam_b2=-0.5"], "train.adam_b2"),
+        (["train.weight_decay=-0.01"], "train.weight_decay"),
+        (["train.warmup_epochs=-1"], "train.warmup_epochs"),
+        (["train.warmup_start_factor=0"], "train.warmup_start_factor"),
+        (["train.lr_decay=1.5"], "train.lr_decay"),
+        (["train.grad_clip_g=0"], "train.grad_clip_g"),
+        (["train.grad_clip_d=-1"], "train.grad_clip_d"),
+        (["train.epochs=0"], "train.epochs"),
+        (["train.generator_warmup_steps=-1"], "train.generator_warmup_steps"),
+        (["train.seed=-1"], "train.seed"),
+        (["train.stdout_interval=0"], "train.stdout_interval"),
+        (["train.validation_interval=0"], "train.validation_interval"),
+        (["train.checkpoint_interval=0"], "train.checkpoint_interval"),
+        (["train.keep_checkpoints=0"], "train.keep_checkpoints"),
+        (["train.early_stop_patience=-1"], "train.early_stop_patience"),
+        (["loss.lambda_mel=-45"], "loss.lambda_mel"),
+        (["loss.stft_fft_sizes=[0,2048,8192]"], "loss.stft_fft_sizes"),
+        (["loss.stft_hop_sizes=[256,0,2048]"], "loss.stft_hop_sizes"),
+        (["loss.stft_n_mels=0"], "loss.stft_n_mels"),
+        (["loss.mel_hop_size=0"], "loss.mel_hop_size"),
+        (["loss.mel_win_size=4096"], "loss.mel_win_size"),  # longer than mel_n_fft
+        (["loss.mel_n_mels=0"], "loss.mel_n_mels"),
+        (["loss.mel_fmin=-1"], "loss.mel_fmin"),
+        (["loss.mel_fmax=0"], "loss.mel_fmax"),  # not above mel_fmin
+        (["loss.mel_fmax=30000"], "loss.mel_fmax"),  # above the Nyquist frequency
+        # combinations: a crop shorter than the 8192-point STFT, or not whole frames
+        (["audio.segment_size=4096"], "audio.segment_size"),
+        (
+            ["model.channels=[4,8,8,8,8]", "model.up_kernels=[4,4,4,4,4]"]
+            + ["audio.segment_size=25616"],  # a multiple of 16, not of the hop 32
+            "audio.segment_size",
+        ),
+    ],
+)
+def test_config_values_out_of_range_are_named(overrides, key):
+    with pytest.raises(ValueError, match=rf"cfgs\.json: .*\b{re.escape(key)}\b") as info:
+        utils.load_config(CFGS, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_model_hop_is_two_to_the_stages():
+    five_stages = ["model.channels=[4,8,8,8,8]", "model.up_kernels=[4,4,4,4,4]"]
+    cfg = utils.load_config(CFGS, five_stages)
+    assert cfg.model.hop == 32
+
+
 def test_overrides():
     cfg = utils.load_config(
         CFGS, ["train.batch_size=4", "model.channels=[4,8,8,8]", "data.root=/x"]
