@@ -41,15 +41,15 @@ inline double pow2(double k) {
   return scale;
 }
 
-// expm1(r) / r^2 - 1 / r ... written as q(r) with expm1(r) = r + r^2 q(r), |r| <= ln2 / 2:
-// Taylor to degree 7 in float (relative error ~2e-8) and degree 12 in double (~2e-16).
+// q(r) with expm1(r) = r + r^2 q(r) for |r| <= ln2 / 2. float: degree 4, fitted for the least
+// relative error of expm1 (1.7e-8, under float32's rounding); double: Taylor to degree 12
+// (~2e-16).
 inline float expm1_core_q(float r) {
-  float q = 1.0f / 5040;
-  q = q * r + 1.0f / 720;
-  q = q * r + 1.0f / 120;
-  q = q * r + 1.0f / 24;
-  q = q * r + 1.0f / 6;
-  return q * r + 0.5f;
+  float q = 0.00138825225f;
+  q = q * r + 0.00836651400f;
+  q = q * r + 0.0416672006f;
+  q = q * r + 0.166665435f;
+  return q * r + 0.49999997f;
 }
 inline double expm1_core_q(double r) {
   double q = 1.0 / 479001600;
@@ -69,8 +69,9 @@ template <typename T>
 struct ExpConstants;
 template <>
 struct ExpConstants<float> {
-  // clamp range; 1.5 * 2^23 rounds to nearest when added and subtracted (round() does not
-  // vectorise); ln 2 split in a part exact in k * ln2_hi and the rest
+  // the range where 2^k is a normal number; 1.5 * 2^23 rounds to nearest when added and
+  // subtracted (round() does not vectorise); ln 2 split in a part exact in k * ln2_hi and the
+  // rest
   static constexpr float lo = -87.0f, hi = 88.0f, round = 12582912.0f;
   static constexpr float log2e = 1.44269504f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
 };
@@ -83,18 +84,47 @@ struct ExpConstants<double> {
 
 // expm1(x) = 2^k expm1(r) + (2^k - 1), x = k ln2 + r: keeps the relative precision of T for
 // small |x| and its absolute precision near -1. Plain arithmetic, so that it vectorises.
-template <typename T>
+// kClamp: first clamp x to [lo, hi]; without it x must lie there already (the callers check,
+// since the clamp costs a quarter of the time: g++ turns it into compares and blends).
+template <typename T, bool kClamp>
 inline T expm1_simd(T x) {
   using E = ExpConstants<T>;
-  // ternaries on values, not std::min / std::max (which return references and end up as
-  // branches); g++ makes them vector selects only with -fno-trapping-math (ssm.py passes it)
-  x = x < E::lo ? E::lo : x;
-  x = x > E::hi ? E::hi : x;
+  if constexpr (kClamp) {
+    // ternaries on values, not std::min / std::max (which return references and end up as
+    // branches); g++ makes them vector selects only with -fno-trapping-math (ssm.py passes it)
+    x = x < E::lo ? E::lo : x;
+    x = x > E::hi ? E::hi : x;
+  }
   const T k = (x * E::log2e + E::round) - E::round;
   const T r = (x - k * E::ln2_hi) - k * E::ln2_lo;
   const T em1 = r + r * r * expm1_core_q(r);
   const T scale = pow2(k);
   return scale * em1 + (scale - T(1));
+}
+
+// Whether every x in [x0, x1] (in either order) can skip expm1_simd's clamp.
+template <typename T>
+inline bool in_exp_range(T x0, T x1) {
+  using E = ExpConstants<T>;
+  return std::min(x0, x1) >= E::lo && std::max(x0, x1) <= E::hi;
+}
+
+// p[0] + ... + p[N-1]. For 16 floats as a tree of 4-lane vector adds (GCC's vector
+// extension, which any x86-64 target has); a reduction clause without -ffast-math, or a plain
+// loop, sums in order: 16 dependent adds.
+template <typename T, int NS>
+inline T sum_states(const T* __restrict p, int64_t N) {
+  if constexpr (NS == 16 && sizeof(T) == sizeof(float)) {
+    typedef float f4 __attribute__((vector_size(16)));
+    f4 q[4];
+    std::memcpy(q, p, sizeof q);
+    const f4 s = (q[0] + q[1]) + (q[2] + q[3]);
+    return (s[0] + s[2]) + (s[1] + s[3]);
+  } else {
+    T sum = 0;
+    for (int64_t n = 0; n < (NS > 0 ? NS : N); ++n) sum += p[n];
+    return sum;
+  }
 }
 
 // OpenMP, not std::thread: the library links libgomp.so.1, which resolves to the copy PyTorch
@@ -118,20 +148,34 @@ struct Scan {
 
 // One step of one channel: h += expm1(dt A) h + dt u B; returns C . h. m gets expm1(dt A)
 // (the backward keeps it). NS > 0 fixes the state count at compile time.
-template <typename T, int NS>
-inline T step(int64_t N_, const T* __restrict a, T dt, T x, const T* __restrict Bt,
-              const T* __restrict Ct, T* __restrict h, T* __restrict m) {
-  const int64_t N = NS > 0 ? NS : N_;
-  T y = 0;
-#pragma omp simd reduction(+ : y)
-  for (int64_t n = 0; n < N; ++n) {
-    const T mn = expm1_simd(dt * a[n]);
+template <typename T, int NS, bool kClamp>
+inline T step_states(int64_t N, const T* __restrict a, T dt, T x, const T* __restrict Bt,
+                     const T* __restrict Ct, T* __restrict h, T* __restrict m) {
+  alignas(64) T p[kMaxN];
+#pragma omp simd
+  for (int64_t n = 0; n < (NS > 0 ? NS : N); ++n) {
+    const T mn = expm1_simd<T, kClamp>(dt * a[n]);
     const T hn = h[n] + (mn * h[n] + x * Bt[n]);
     h[n] = hn;
-    y += hn * Ct[n];
+    p[n] = hn * Ct[n];
     m[n] = mn;
   }
-  return y;
+  return sum_states<T, NS>(p, N);
+}
+
+// a_lo, a_hi: the channel's smallest and largest A, to tell whether dt * A needs the clamp.
+template <typename T, int NS>
+inline T step(int64_t N, const T* a, T a_lo, T a_hi, T dt, T x, const T* Bt, const T* Ct, T* h,
+              T* m) {
+  if (in_exp_range(dt * a_lo, dt * a_hi))
+    return step_states<T, NS, false>(N, a, dt, x, Bt, Ct, h, m);
+  return step_states<T, NS, true>(N, a, dt, x, Bt, Ct, h, m);
+}
+
+template <typename T>
+inline void a_range(const T* a, int64_t N, T* a_lo, T* a_hi) {
+  *a_lo = *std::min_element(a, a + N);
+  *a_hi = *std::max_element(a, a + N);
 }
 
 // Forward of one task: channels [d0, d1) of batch item b, block by block. hs (if not null)
@@ -159,8 +203,10 @@ void forward_task(const Scan<T>& s, int64_t b, int64_t d0, int64_t d1, T* out, T
       const T* __restrict dt = s.dt + bd * L;
       const T Dv = s.D[d];
       T* __restrict o = out + bd * L;
+      T a_lo, a_hi;
+      a_range(a, N, &a_lo, &a_hi);
       for (int64_t t = t0; t < t1; ++t) {
-        const T y = step<T, NS>(N, a, dt[t], dt[t] * u[t], B + t * N, C + t * N, h, m);
+        const T y = step<T, NS>(N, a, a_lo, a_hi, dt[t], dt[t] * u[t], B + t * N, C + t * N, h, m);
         o[t] = y + Dv * u[t];
       }
       std::copy(h, h + N, states.begin() + (d - d0) * N);
@@ -200,8 +246,11 @@ void backward_block(const Scan<T>& s, const Grads<T>& g, int64_t bd, int64_t t0,
   const T Dv = s.D[d];
   alignas(64) T h[kMaxN];
   std::copy(hstart, hstart + N, h);
+  T a_lo, a_hi;
+  a_range(a, N, &a_lo, &a_hi);
   for (int64_t t = t0; t < t1; ++t) {
-    step<T, NS>(N, a, dt[t], dt[t] * u[t], B + t * N, C + t * N, h, mbuf + (t - t0) * N);
+    step<T, NS>(N, a, a_lo, a_hi, dt[t], dt[t] * u[t], B + t * N, C + t * N, h,
+                mbuf + (t - t0) * N);
     std::copy(h, h + N, hbuf + (t - t0) * N);
   }
   double gD = 0.0;
@@ -215,9 +264,9 @@ void backward_block(const Scan<T>& s, const Grads<T>& g, int64_t bd, int64_t t0,
     const T* __restrict Ct = C + t * N;
     T* __restrict gBt = gB + j * N;
     T* __restrict gCt = gC + j * N;
-    T sA = 0, sB = 0;
+    alignas(64) T pA[kMaxN], pB[kMaxN];  // the terms of d loss / d dt and of d loss / d (dt u)
     gD += static_cast<double>(gy) * uv;
-#pragma omp simd reduction(+ : sA, sB)
+#pragma omp simd
     for (int64_t n = 0; n < (NS > 0 ? NS : N); ++n) {
       const T gn = gh[n] + gy * Ct[n];  // d loss / d h_t
       const T ge = gn + gn * mj[n];     // times exp(dt A) = 1 + expm1(dt A)
@@ -225,10 +274,11 @@ void backward_block(const Scan<T>& s, const Grads<T>& g, int64_t bd, int64_t t0,
       gCt[n] += gy * hj[n];
       gBt[n] += gn * x;
       gA_block[n] += dtv * q;
-      sA += a[n] * q;
-      sB += gn * Bt[n];
+      pA[n] = a[n] * q;
+      pB[n] = gn * Bt[n];
       gh[n] = ge;
     }
+    const T sA = sum_states<T, NS>(pA, N), sB = sum_states<T, NS>(pB, N);
     g.gu[bd * L + t] = gy * Dv + dtv * sB;
     g.gdt[bd * L + t] = sA + uv * sB;
   }
@@ -296,7 +346,7 @@ void backward(const Scan<T>& s, const Grads<T>& g, const T* hs, int n_threads) {
 // of [b, d, L], in T; the backward recomputes the pre-activation instead of storing it.
 template <typename T>
 inline T sigmoid(T x) {
-  return T(1) / (T(2) + expm1_simd(-x));
+  return T(1) / (T(2) + expm1_simd<T, true>(-x));
 }
 
 template <typename T>
