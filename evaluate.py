@@ -24,6 +24,7 @@ import torch
 import dataset
 import metrics
 import models
+import stream
 import utils
 
 SR = 48000
@@ -31,7 +32,11 @@ PROTOCOLS = ("authors", "nuwave2", "sinc", "stft")
 ALL_PROTOCOLS = PROTOCOLS + ("random",)
 RATES_KHZ = (4, 8, 12, 16, 24)
 ALL_RATES_KHZ = (4, 6, 8, 12, 16, 24)
-METRICS = ("lsd", "lsd_hf", "lsd_lf", "snr", "si_sdr")
+# The level error of the generated band per octave above the input's Nyquist frequency (up to
+# four: 2-4, 4-8, 8-16, 16-24 kHz for a 4 kHz input) and the tone measures, for the model only.
+LEVEL_OCTAVES = tuple(f"level_oct{i}_db" for i in range(1, 5))
+DIAGNOSTICS = (*LEVEL_OCTAVES, "tone_3k_db", "tone_nyquist_db", "level_nyquist_db")
+METRICS = ("lsd", "lsd_hf", "lsd_lf", "snr", "si_sdr", *DIAGNOSTICS)
 # Spectrogram figures are drawn for the first files of each protocol x rate only.
 PLOTS_PER_CONDITION = 2
 # inference_wav.py names its output <name>_superresolved.wav; it still matches <name>.
@@ -52,11 +57,12 @@ PROTOCOL_TEXT = {
 
 
 def run_generator(generator, x: np.ndarray, peak: float) -> np.ndarray:
-    """Super-resolves one whole utterance in a single pass.
+    """Super-resolves one whole utterance exactly as inference_wav.SuperResolver does.
 
-    The input is scaled to the training peak level (cfg.audio.peak) and the output scaled back,
-    so scores are taken at the reference's own level; it is zero-padded to a multiple of the
-    model's hop (16) and trimmed back.
+    Both run stream.StreamProcessor (here on the whole utterance at once), so what is scored
+    is what users get: the input scaled to the training peak level (cfg.audio.peak), the
+    generator on it zero-padded to a multiple of its hop (16), the output trimmed and scaled
+    back, so scores are taken at the reference's own level.
 
     Args:
         generator: a WaveUMamba in eval mode.
@@ -67,14 +73,8 @@ def run_generator(generator, x: np.ndarray, peak: float) -> np.ndarray:
     """
     # Deviation: the authors fed files at their own level; training sees peak-normalised audio,
     # so the model gets that level here and the output is scaled back for scoring.
-    top = float(np.max(np.abs(x)))
-    gain = peak / top if top > 0 else 1.0
-    pad = -len(x) % generator.hop
-    device = next(generator.parameters()).device
-    x_in = torch.from_numpy(np.pad(x * gain, (0, pad)).astype(np.float32))
-    with torch.inference_mode():
-        y_hat = generator(x_in.to(device)[None, None])[0, 0, : len(x)]
-    return (y_hat.float().cpu().numpy() / gain).astype(np.float32)
+    gain = stream.peak_gains(np.abs(x).max(), peak)
+    return stream.process_whole(generator, x, SR, SR, gain)
 
 
 def _stft(x: np.ndarray) -> torch.Tensor:
@@ -112,12 +112,19 @@ def oracle(x: np.ndarray, y: np.ndarray, cutoff_hz: float) -> np.ndarray:
     return out.numpy().astype(np.float32)
 
 
-def score(y, y_hat, cutoff_hz: float | None, variant: str) -> dict:
-    """All metrics of one utterance: lsd, lsd_hf, lsd_lf (None without a cut-off), snr, si_sdr."""
-    out = {"lsd_hf": None, "lsd_lf": None}
+def score(y, y_hat, cutoff_hz: float | None, variant: str, diagnose: bool) -> dict:
+    """All METRICS of one utterance: lsd, lsd_hf, lsd_lf (None without a cut-off), snr, si_sdr
+    and, when diagnose is set, the spectral DIAGNOSTICS (else None; level errors need a cut-off).
+    """
+    out = dict.fromkeys(METRICS)
     out.update(metrics.lsd(y, y_hat, SR, cutoff_hz, variant))
     out["snr"] = metrics.snr(y, y_hat)
     out["si_sdr"] = metrics.si_sdr(y, y_hat)
+    if diagnose:
+        out.update(metrics.tone_excess(y, y_hat, SR))
+        if cutoff_hz is not None:
+            levels = metrics.band_level_errors(y, y_hat, cutoff_hz, SR)
+            out.update(zip(LEVEL_OCTAVES, levels))
     return out
 
 
@@ -126,7 +133,11 @@ def _rows(path, y, signals, protocol, rate_khz, variant) -> list[dict]:
     common = {"file": _name(path), "protocol": protocol, "rate_khz": rate_khz}
     try:
         return [
-            {**common, "system": system, **score(y, y_hat, cutoff, variant)}
+            {
+                **common,
+                "system": system,
+                **score(y, y_hat, cutoff, variant, diagnose=system == "model"),
+            }
             for system, y_hat in signals.items()
         ]
     except ValueError as e:
@@ -313,6 +324,7 @@ def format_table(summary: list[dict]) -> str:
     header = ["protocol", "input rate", "n"] + ["failed"] * has_failed
     if has_model:
         header += ["LSD", "LSD-HF", "LSD-LF", "SNR (dB)", "SI-SDR (dB)"]
+        header += ["level error per octave (dB)", "tone 3k (dB)", "tone 24k (dB)"]
     header += ["input LSD", "input LSD-HF", "oracle LSD", "oracle LSD-HF"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for protocol, rate in conditions:
@@ -325,6 +337,9 @@ def format_table(summary: list[dict]) -> str:
         if has_model:
             row += [_fmt(model.get(k), 3) for k in ("lsd", "lsd_hf", "lsd_lf")]
             row += [_fmt(model.get(k), 2) for k in ("snr", "si_sdr")]
+            octaves = [model.get(k) for k in LEVEL_OCTAVES]
+            row.append(" / ".join(_fmt(v, 1) for v in octaves if v is not None) or "-")
+            row += [_fmt(model.get(k), 1) for k in ("tone_3k_db", "tone_nyquist_db")]
         row += [_fmt(base_in.get(k), 3) for k in ("lsd", "lsd_hf")]
         row += [_fmt(base_or.get(k), 3) for k in ("lsd", "lsd_hf")]
         lines.append("| " + " | ".join(row) + " |")
@@ -377,6 +392,14 @@ def describe(settings: dict) -> str:
         f"- LSD: {lsd_text}; RMS over bins per frame, mean over frames, mean over files. "
         "LSD-HF: bins above rate/2; LSD-LF: bins at or below it. SNR and SI-SDR in dB, mean "
         "over files"
+    )
+    lines.append(
+        "- diagnostics (model only), from long-term spectra (mean STFT power, 2048/512 Hann): "
+        "level error = output over reference energy per octave above rate/2, in dB (the last "
+        "octave stops below 24 kHz); tone 3k / tone 24k = how far the output's spectrum rises "
+        "above the median of its own neighbourhood (+-12 bins) minus the same for the "
+        "reference, in dB, the largest over the multiples of 3 kHz / at the 24 kHz bin "
+        "(0 = no tone the reference lacks)"
     )
     return "\n".join(lines)
 

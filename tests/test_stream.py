@@ -2,18 +2,25 @@
 whole-file processing on random splits of a signal into blocks."""
 
 import os
+import types
 
 import numpy as np
 import pytest
 import scipy.signal
+import soundfile as sf
 import torch
 
 import dataset
+import evaluate
+import inference_wav
+import metrics
 import models
 import ssm
 import stream
+import train
+import utils
 from models import ConvUnit, ResBlock
-from test_inference import ROOT, tiny_generator
+from test_inference import ROOT, TINY, tiny_generator
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -247,3 +254,25 @@ def test_stream_gain_and_closing(tiny):
     assert g.flush().shape == (1, 1, 3)
     with pytest.raises(ValueError, match="flushed"):
         g.push(torch.zeros(1, 1, 3))
+
+
+# --- one inference path --------------------------------------------------------------------
+
+
+def test_validation_and_evaluation_score_what_inference_returns(tmp_path, tiny):
+    generator, cfg = tiny_generator(seed=1)  # weight norm kept, as in training
+    path = str(tmp_path / "clip.wav")
+    sf.write(path, speech_like(0.1, 48000, seed=6), 48000)
+    cfg = utils.load_config(os.path.join(ROOT, "cfgs.json"), TINY + ["data.valid_ratios=[6]"])
+    run = types.SimpleNamespace(
+        cfg=cfg, generator=generator, valid_set=dataset.ValidDataset([path], cfg)
+    )
+    scores = train.validate(run)
+    x, y, ratio, _ = run.valid_set[0]
+    resolver = inference_wav.SuperResolver(tiny, cfg, torch.device("cpu"), 0.01)
+    users, _ = resolver.upsample(x[0].numpy(), 48000)
+    scored = evaluate.run_generator(tiny, x[0].numpy(), cfg.audio.peak)
+    assert_relative(scored, users)
+    expected = metrics.lsd(y[0], users, 48000, cutoff_hz=4000)
+    assert scores["lsd"] == pytest.approx(expected["lsd"], rel=1e-4)
+    assert scores["lsd_hf"] == pytest.approx(expected["lsd_hf"], rel=1e-4)
