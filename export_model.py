@@ -12,7 +12,7 @@ import hashlib
 import os
 import sys
 
-
+import models
 import utils
 
 
@@ -25,15 +25,15 @@ def export(checkpoint_file: str, output: str) -> str:
     Returns:
         The SHA-256 hex digest of the written file.
     """
-    checkpoint = utils.load_checkpoint(checkpoint_file)
-    if "generator" not in checkpoint or "config" not in checkpoint:
+    state, config, step = models.read_generator_checkpoint(checkpoint_file)
+    if config is None or step is None:
         raise ValueError(f"{checkpoint_file}: not a g_ checkpoint of train.py")
-    utils.config_from_checkpoint(checkpoint["config"], checkpoint_file)
+    utils.config_from_checkpoint(config, checkpoint_file)
     packed = {
         # float16 halves the file; the LSD change it causes is reported in the README.
-        "generator": {k: v.half() for k, v in checkpoint["generator"].items()},
-        "config": checkpoint["config"],
-        "step": checkpoint["step"],
+        "generator": {k: v.half() for k, v in state.items()},
+        "config": config,
+        "step": step,
     }
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     utils.save_checkpoint(output, packed)

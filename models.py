@@ -467,8 +467,22 @@ def _generator_state(checkpoint, path: str) -> tuple[dict, dict | None]:
         state, config = checkpoint, None
     else:
         raise ValueError(
-            f"{path}: holds no generator (keys {sorted(checkpoint)[:6]}); "
+            f"{path}: holds no generator (keys {sorted(map(str, checkpoint))[:6]}); "
             "pass a g_ checkpoint or a generator state_dict"
+        )
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()
+    ):
+        raise ValueError(f"{path}: its generator is not a state_dict of named tensors")
+    unusable = [
+        k
+        for k, v in state.items()
+        if v.is_complex() or (v.is_floating_point() and not torch.isfinite(v).all())
+    ]
+    if unusable:
+        raise ValueError(
+            f"{path}: {len(unusable)} weight(s) hold NaN, Inf or complex values, e.g. "
+            f"{unusable[0]}"
         )
     state = {
         k.removeprefix("module."): v.float() if v.is_floating_point() else v
@@ -497,6 +511,8 @@ def read_generator_checkpoint(path: str) -> tuple[dict, dict | None, int | None]
     checkpoint = utils.load_checkpoint(path)
     state, config = _generator_state(checkpoint, path)
     step = checkpoint.get("step") if "generator" in checkpoint else None
+    if step is not None and (type(step) is not int or step < 0):
+        raise ValueError(f"{path}: its step must be a count of steps, not {step!r}")
     return state, config, step
 
 

@@ -40,7 +40,7 @@ def test_export_rejects_a_non_generator_checkpoint(tmp_path, capsys):
         )
         == 1
     )
-    assert "not a g_ checkpoint" in capsys.readouterr().err
+    assert "holds no generator" in capsys.readouterr().err
 
 
 def test_export_refuses_pickled_code(tmp_path, capsys):
@@ -54,3 +54,14 @@ def test_export_refuses_pickled_code(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "refusing to load" in err
     assert not marker.exists() and not (tmp_path / "x.pt").exists()
+
+
+def test_export_rejects_a_malformed_generator_in_one_line(tmp_path, capsys):
+    generator, cfg = tiny_generator()
+    good = export_model.utils.load_checkpoint(save_g(tmp_path / "g_1", generator, cfg))
+    bad = tmp_path / "g_00000001"
+    export_model.utils.save_checkpoint(str(bad), {**good, "generator": {"a": "str"}})
+    out = str(tmp_path / "x.pt")
+    code = export_model.main(["--checkpoint_file", str(bad), "--output", out])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "named tensors" in err

@@ -2,6 +2,7 @@
 
 import dataclasses
 import inspect
+import math
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,9 @@ from models import (
     MultiPeriodDiscriminator,
     MultiScaleDiscriminator,
     WaveUMamba,
+    load_generator,
 )
-from utils import load_config
+from utils import config_to_dict, load_config
 
 CFG_PATH = Path(__file__).resolve().parent.parent / "cfgs.json"
 TINY = ["model.channels=[4,8,8,8]"]
@@ -202,3 +204,61 @@ def test_checkpoint_config_from_before_a_key_was_added(tmp_path):
     utils.save_checkpoint(path, {"generator": generator.state_dict(), "config": config})
     with pytest.raises(ValueError, match="unknown key 'train.no_such_key'"):
         load_generator(path, scan_impl="torch")
+
+
+def _malformed(kind: str, checkpoint: dict):
+    """A tiny generator's checkpoint, broken in one way."""
+    state, config = checkpoint["generator"], checkpoint["config"]
+    first = next(iter(state))
+    return {
+        "str weight": {"generator": {"a": "str"}},
+        "generator not a dict": {**checkpoint, "generator": "weights"},
+        "int key": {**checkpoint, "generator": {1: torch.ones(1), **state}},
+        "NaN weight": {
+            **checkpoint,
+            "generator": {**state, first: torch.full_like(state[first], math.nan)},
+        },
+        "complex weight": {
+            **checkpoint,
+            "generator": {**state, first: state[first].to(torch.complex64)},
+        },
+        "config not a dict": {**checkpoint, "config": "cfgs.json"},
+        "section not a dict": {**checkpoint, "config": {**config, "model": [4, 8]}},
+        "value out of range": {
+            **checkpoint,
+            "config": {**config, "audio": {**config["audio"], "peak": 0}},
+        },
+        "step not a count": {**checkpoint, "step": "three"},
+        "bare, mixed keys": {1: torch.ones(1), "x": torch.ones(1)},
+        "a list": [checkpoint],
+    }[kind]
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("str weight", "named tensors"),
+        ("generator not a dict", "named tensors"),
+        ("int key", "named tensors"),
+        ("NaN weight", "NaN"),
+        ("complex weight", "complex"),
+        ("config not a dict", "config"),
+        ("section not a dict", "'model'"),
+        ("value out of range", "audio.peak"),
+        ("step not a count", "step"),
+        ("bare, mixed keys", "named tensors"),
+        ("a list", "not a checkpoint dict"),
+    ],
+)
+def test_malformed_checkpoints_are_one_line_errors(tmp_path, kind, message):
+    cfg = load_config(str(CFG_PATH), TINY)
+    good = {
+        "generator": tiny_generator().state_dict(),
+        "config": config_to_dict(cfg),
+        "step": 3,
+    }
+    path = str(tmp_path / "g_bad")
+    torch.save(_malformed(kind, good), path)
+    with pytest.raises(ValueError, match=message) as info:
+        load_generator(path)
+    assert "\n" not in str(info.value) and path in str(info.value)
