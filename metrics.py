@@ -156,15 +156,15 @@ def _db(ratio: float) -> float:
 
 
 def band_level_errors(y, y_hat, cutoff_hz: float, sr: int = 48000) -> list[float]:
-    """Output over reference energy, in dB, per octave above cutoff_hz (the last one stops just
-    below the Nyquist bin, which tone_excess covers): (cutoff, 2 cutoff], (2 cutoff, 4 cutoff],
-    ... Negative: too quiet."""
+    """Output over reference energy, in dB, per octave above cutoff_hz: (cutoff, 2 cutoff],
+    (2 cutoff, 4 cutoff], ... Negative: too quiet. The last octave stops two bins below the
+    Nyquist frequency, outside the Hann main lobe of a 24 kHz tone, which tone_excess covers."""
     y, y_hat = _pair(y, y_hat)
     ref, out = long_term_spectrum(y), long_term_spectrum(y_hat)
     freqs = np.arange(len(ref)) * sr / N_FFT
     errors, low = [], cutoff_hz
     while low < sr / 2:
-        band = (freqs > low) & (freqs <= 2 * low) & (freqs < sr / 2)
+        band = (freqs > low) & (freqs <= 2 * low) & (freqs < freqs[-2])
         errors.append(_db(out[band].sum() / max(ref[band].sum(), 1e-30)))
         low *= 2
     return errors

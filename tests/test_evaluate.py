@@ -154,6 +154,31 @@ def test_outputs_folder_mode_scores_files_matched_by_stem(tmp_path):
     assert model["n"] == 2 and model["lsd"] == pytest.approx(np.mean(lsds))
 
 
+def test_diagnostics_flag_a_quiet_band_and_a_nyquist_tone(tmp_path):
+    # An "output" that is the reference with its top octave 20 dB down and a 24 kHz tone added:
+    # the level error of that octave and the tone measure say so; the model rows only.
+    refs = write_clips(tmp_path / "refs", ["a"], n=48000)
+    y = refs["a"]
+    freqs = np.fft.rfftfreq(len(y), 1 / SR)
+    quiet = np.fft.irfft(np.fft.rfft(y) * np.where(freqs > 12000, 0.1, 1.0), len(y))
+    tone = 0.05 * np.abs(y).max() * (-1.0) ** np.arange(len(y))
+    out_dir = tmp_path / "outs"
+    out_dir.mkdir()
+    sf.write(out_dir / "a.wav", (quiet + tone).astype(np.float32), SR, subtype="FLOAT")
+    report = evaluate.main(
+        ["--references", str(tmp_path / "refs"), "--outputs", str(out_dir)]
+        + ["--protocol", "sinc", "--rate", "12", "--out", str(tmp_path / "res")]
+    )
+    assert "level error per octave (dB)" in report
+    rows = json.loads((tmp_path / "res" / "evaluate.json").read_text())["per_file"]
+    model = next(r for r in rows if r["system"] == "model")
+    want = metrics.band_level_errors(y, (quiet + tone).astype(np.float32), 6000)
+    assert [model["level_oct1_db"], model["level_oct2_db"]] == pytest.approx(want)
+    assert model["level_oct2_db"] < -15 and model["level_oct3_db"] is None
+    assert model["tone_nyquist_db"] > 20
+    assert all(r["tone_3k_db"] is None for r in rows if r["system"] != "model")
+
+
 def test_outputs_mode_without_protocol_scores_full_band_only(tmp_path):
     write_clips(tmp_path / "refs", ["a"])
     write_clips(tmp_path / "outs", ["a"])
