@@ -2,6 +2,10 @@
 whole-file processing on random splits of a signal into blocks."""
 
 import os
+import subprocess
+import sys
+import threading
+import time
 import types
 
 import numpy as np
@@ -276,3 +280,81 @@ def test_validation_and_evaluation_score_what_inference_returns(tmp_path, tiny):
     expected = metrics.lsd(y[0], users, 48000, cutoff_hz=4000)
     assert scores["lsd"] == pytest.approx(expected["lsd"], rel=1e-4)
     assert scores["lsd_hf"] == pytest.approx(expected["lsd_hf"], rel=1e-4)
+
+
+# --- the command line -------------------------------------------------------------------
+
+
+def run_cli(args, feed: bytes, rng, close_after: int | None = None):
+    """stream.py with `feed` written to its stdin in random pieces while its stdout is read;
+    with close_after, the reader hangs up after that many bytes. Returns (code, out, err)."""
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "stream.py")] + args,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        # one thread: on a busy 2-core machine a second one mostly waits for the first
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    out = bytearray()
+
+    def read():
+        while close_after is None or len(out) < close_after:
+            data = proc.stdout.read1(65536)
+            if not data:
+                break
+            out.extend(data)
+        proc.stdout.close()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    start = 0
+    try:
+        while start < len(feed):
+            n = int(rng.integers(1, 3000))  # odd sizes split samples between reads
+            proc.stdin.write(feed[start : start + n])
+            proc.stdin.flush()
+            start += n
+            time.sleep(0.0005)
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    reader.join(timeout=300)
+    err = proc.stderr.read().decode()
+    return proc.wait(timeout=300), bytes(out), err
+
+
+def test_cli_stream_equals_inference_wav(tmp_path, shipped):
+    # Done-when of issue 11: a 48 kHz 16-bit recording through `stream.py --gain 1` in random
+    # pieces gives inference_wav.py --gain 1 --format float's samples to 16-bit rounding.
+    x = (speech_like(0.3, 48000, seed=7) * 32768).round().astype("<i2")
+    sf.write(tmp_path / "in.wav", x, 48000, subtype="PCM_16")
+    code = inference_wav.main(
+        ["--wav_path", str(tmp_path / "in.wav"), "--output_dir", str(tmp_path)]
+        + ["--gain", "1", "--format", "float", "--device", "cpu"]
+    )
+    assert code == 0
+    y, sr = sf.read(tmp_path / "in_superresolved.wav", dtype="float32")
+    code, out, err = run_cli(
+        ["--input_sr", "48000", "--gain", "1", "--device", "cpu"],
+        x.tobytes(),
+        np.random.default_rng(0),
+    )
+    assert code == 0 and "error" not in err, err
+    streamed = np.frombuffer(out, dtype="<i2").astype(np.int64)
+    expected = np.clip(np.round(y * 32768.0), -32768, 32767).astype(np.int64)
+    assert sr == 48000 and streamed.shape == expected.shape
+    assert np.abs(streamed - expected).max() <= 1
+
+
+def test_cli_closed_pipe_and_errors(tmp_path):
+    rng = np.random.default_rng(1)
+    feed = (0.1 * 32768 * rng.standard_normal(48000)).astype("<i2").tobytes()
+    # the reader hangs up after 1000 bytes: the stream ends quietly
+    code, out, err = run_cli(["--input_sr", "16000", "--device", "cpu"], feed, rng, 1000)
+    assert code == 0 and err == "", err
+    code, out, err = run_cli(
+        ["--input_sr", "8000", "--checkpoint_file", str(tmp_path / "none.pt")], b"", rng
+    )
+    assert code == 1 and out == b"" and len(err.splitlines()) == 1 and "none.pt" in err
