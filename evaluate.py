@@ -601,6 +601,7 @@ def _prepare_folder(flag: str, path: str, names=()) -> None:
     for name in names:
         if os.path.isdir(os.path.join(path, name)):
             raise ValueError(f"{flag} {path}: {name} in it is a folder, not a file")
+    utils.remove_stale_temporaries(path)  # what a killed earlier run left half-written
 
 
 def _run(a) -> tuple[str, list[dict]]:

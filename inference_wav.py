@@ -27,6 +27,8 @@ The four flags and the output name are those of infected4098/Wave-U-Mamba's infe
 import argparse
 import glob
 import hashlib
+import math
+import numbers
 import os
 import sys
 import tempfile
@@ -51,6 +53,14 @@ MIN_SECONDS = 0.01
 # Input per generator pass: memory grows with it (about 0.45 GB per second at 48 kHz on CPU),
 # speed hardly (each pass recomputes a few dozen samples of context).
 BLOCK_SECONDS = 2.0
+# Shorter blocks cost a generator pass each for little audio (0.001 s took 359 s per second
+# of audio); 10 ms is also the default block of a live stream (stream.py --block_ms).
+MIN_BLOCK_SECONDS = 0.01
+# More "channels" than any recording layout has (22.2 surround has 24, 7th-order ambisonics
+# 64): such an array is almost surely [T, channels].
+MAX_CHANNELS = 64
+# Sample rates outside this range are a mistake (or sr=True read as 1 Hz), not audio.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768000
 # Bandwidth detection: the highest frequency whose long-term average power is within
 # DETECT_RANGE_DB of the strongest frequency. Full-band VCTK speech stays within 60 dB up to
 # 24 kHz, while the stop band of any decent resampler is far below it.
@@ -152,6 +162,45 @@ class BandwidthMeter:
         return float(candidates[-1] if candidates else edge)
 
 
+def check_seconds(name: str, seconds, minimum: float) -> float:
+    """A user-chosen duration as float seconds: a finite number, at least `minimum`.
+
+    Raises:
+        ValueError naming `name`, e.g. for inf (which would overflow later), NaN or 0.001.
+    """
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, numbers.Real)
+        or not math.isfinite(seconds)
+        or seconds < minimum
+    ):
+        raise ValueError(
+            f"{name} must be a finite number of seconds, at least {minimum:g}, "
+            f"not {seconds!r}"
+        )
+    return float(seconds)
+
+
+def check_sample_rate(sr, name: str = "sr") -> int:
+    """A sample rate as int Hz: an integral number (not a bool) in the sane range.
+
+    Raises:
+        ValueError naming `name` otherwise (True, 16000.5, "16000", 0, 10 MHz).
+    """
+    if (
+        isinstance(sr, bool)
+        or not isinstance(sr, numbers.Real)
+        or not math.isfinite(sr)
+        or sr != int(sr)
+        or not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE
+    ):
+        raise ValueError(
+            f"{name} must be an integer sample rate in Hz from {MIN_SAMPLE_RATE} to "
+            f"{MAX_SAMPLE_RATE}, not {sr!r}"
+        )
+    return int(sr)
+
+
 def resolve_device(device: str) -> torch.device:
     """Maps "auto" to cuda when available, else cpu; ValueError if cuda is absent."""
     if device == "auto":
@@ -214,9 +263,11 @@ class SuperResolver:
         self.generator = generator
         self.peak = cfg.audio.peak
         self.device = device
-        self.block_seconds = BLOCK_SECONDS if block_seconds is None else block_seconds
-        if not self.block_seconds > 0:
-            raise ValueError(f"block_seconds must be positive, not {block_seconds}")
+        self.block_seconds = check_seconds(
+            "block_seconds",
+            BLOCK_SECONDS if block_seconds is None else block_seconds,
+            MIN_BLOCK_SECONDS,
+        )
 
     @classmethod
     def from_pretrained(
@@ -272,6 +323,7 @@ class SuperResolver:
             channels: channels per block.
             lowband_hz: keep the input's own content below this frequency (None: off).
         """
+        sr = check_sample_rate(sr)
         return stream.StreamProcessor(
             self.generator, sr, SAMPLING_RATE, gain, channels, lowband_hz
         )
@@ -307,7 +359,7 @@ class SuperResolver:
         # Deviation: upstream mixes to mono with librosa.load(sr=48000), trims the tail to a
         # multiple of 128 samples and feeds the raw level; we keep every channel and every
         # sample, and normalise each channel as training does (SPEC section 4).
-        x = self._validate(audio, sr)
+        x, sr = self._validate(audio, sr)
         lowband_hz = self._lowband_hz(
             input_sr, sr, keep_lowband, lambda: detect_bandwidth(x, sr)
         )
@@ -372,7 +424,8 @@ class SuperResolver:
             return None
         if input_sr is None or input_sr == "auto":
             return detect()
-        if isinstance(input_sr, (int, np.integer)) and 0 < input_sr <= sr:
+        integral = isinstance(input_sr, numbers.Integral) and not isinstance(input_sr, bool)
+        if integral and 0 < input_sr <= sr:
             return input_sr / 2
         raise ValueError(
             f"input_sr must be auto or a positive integer at most the file's rate "
@@ -380,26 +433,33 @@ class SuperResolver:
         )
 
     @staticmethod
-    def _validate(audio, sr) -> np.ndarray:
-        """The clip as float32 [channels, T]; ValueError for unusable input."""
+    def _validate(audio, sr) -> tuple[np.ndarray, int]:
+        """The clip as float32 [channels, T] and sr as int; ValueError for unusable input."""
+        sr = check_sample_rate(sr)
         if torch.is_tensor(audio):
             audio = audio.detach().cpu().numpy()
         audio = np.asarray(audio)
         if audio.ndim not in (1, 2):
             raise ValueError(f"audio must be [T] or [channels, T], not {audio.shape}")
+        if audio.ndim == 2 and audio.shape[0] > MAX_CHANNELS:
+            hint = ""
+            if audio.shape[1] <= MAX_CHANNELS:
+                hint = "; it looks like [T, channels]: pass it transposed (audio.T)"
+            raise ValueError(
+                f"audio of shape {tuple(audio.shape)} would be {audio.shape[0]} channels; "
+                f"give [channels, T] with at most {MAX_CHANNELS} channels{hint}"
+            )
         if np.issubdtype(audio.dtype, np.signedinteger):
             audio = audio / float(np.iinfo(audio.dtype).max + 1)
         elif not np.issubdtype(audio.dtype, np.floating):
             raise ValueError(f"audio must be float or signed int, not {audio.dtype}")
         x = np.atleast_2d(audio).astype(np.float32)
-        if int(sr) != sr or sr <= 0:
-            raise ValueError(f"sample rate must be a positive integer, not {sr!r}")
         if x.size == 0:
             raise ValueError(f"audio is empty (shape {audio.shape})")
         if not np.isfinite(x).all():
             raise ValueError("audio contains NaN or Inf samples")
         SuperResolver._check_clip(x.shape[1], sr, np.abs(x).max(axis=1))
-        return x
+        return x, sr
 
     @staticmethod
     def _check_clip(frames: int, sr: int, peaks: np.ndarray) -> None:
@@ -634,6 +694,9 @@ def main(argv=None) -> int:
     if not os.access(a.output_dir, os.W_OK | os.X_OK):
         print(f"error: output folder {a.output_dir} is not writable", file=sys.stderr)
         return 1
+    # what a killed earlier run left half-written
+    for folder in {os.path.dirname(out) for _, out in pairs}:
+        utils.remove_stale_temporaries(folder or ".")
 
     failed = len(errors)
     # disable=None: no bar when stderr is not a terminal (logs, tests)

@@ -743,6 +743,8 @@ def main(argv=None) -> None:
         run = build(cfg, device, rank, world_size, args.scan_impl)
         if rank == 0:
             os.makedirs(args.checkpoint_path, exist_ok=True)
+            # what a killed earlier run left half-written
+            utils.remove_stale_temporaries(args.checkpoint_path)
             with utils.atomic_path(
                 os.path.join(args.checkpoint_path, "config.json")
             ) as tmp:

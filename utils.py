@@ -13,6 +13,7 @@ import os
 import pickle
 import random
 import re
+import socket
 import tempfile
 import typing
 from dataclasses import dataclass
@@ -400,16 +401,24 @@ def load_config(path: str, overrides=()) -> Config:
     return config_from_dict(apply_overrides(values, overrides, path), path)
 
 
+def _machine_prefix() -> str:
+    # atomic_path's temporaries are named .tmp_<host>_<pid>_*: a later run can tell those
+    # of a killed writer from those still being written.
+    return f".tmp_{socket.gethostname()}_"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yields a temporary path beside `path` that replaces `path` only if the block succeeds.
 
-    A killed process therefore never leaves a half-written checkpoint or audio file. The
+    A killed process therefore never leaves a half-written checkpoint or audio file, only a
+    hidden `.tmp_<host>_<pid>_*` file, which remove_stale_temporaries deletes later. The
     temporary name keeps the suffix of `path`, so format detection by extension still works.
     """
     directory = os.path.dirname(os.path.abspath(path))
     suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=directory)
+    prefix = f"{_machine_prefix()}{os.getpid()}_"
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
     os.close(fd)
     # mkstemp makes 0600 files; give the result the permissions a plain open() would.
     umask = os.umask(0)
@@ -421,6 +430,44 @@ def atomic_path(path: str):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Deletes the temporaries that killed atomic_path writers left in `directory`.
+
+    Only files named by atomic_path on this machine whose process no longer exists are
+    removed: a write in progress (here or on another machine sharing the folder) is kept.
+
+    Returns:
+        The paths removed.
+    """
+    machine = _machine_prefix()
+    try:
+        names = [name for name in os.listdir(directory) if name.startswith(machine)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        path = os.path.join(directory, name)
+        pid, _, rest = name[len(machine) :].partition("_")
+        ours = pid.isdigit() and rest and os.path.isfile(path)
+        if ours and not _process_exists(int(pid)):
+            try:
+                os.remove(path)
+            except OSError:
+                continue
+            removed.append(path)
+    return removed
 
 
 def save_checkpoint(path: str, obj: dict) -> None:

@@ -9,6 +9,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -530,3 +531,75 @@ def test_cli_refuses_to_overwrite_an_output_unless_asked(tmp_path, ckpt, capsys)
     assert sf.info(str(out / "b_superresolved.wav")).samplerate == 48000  # the rest ran
     assert inference_wav.main(args + ["--overwrite"]) == 0
     assert sf.info(str(out / "a_superresolved.wav")).samplerate == 48000
+
+
+@pytest.mark.parametrize("seconds", [math.inf, math.nan, 0.001, 0, -1, True, "2"])
+def test_block_seconds_must_be_finite_and_not_tiny(ckpt, seconds):
+    with pytest.raises(ValueError, match="block_seconds must be a finite number") as info:
+        SuperResolver.from_pretrained(ckpt, device="cpu", block_seconds=seconds)
+    assert f"{inference_wav.MIN_BLOCK_SECONDS:g}" in str(info.value)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_channels_last_audio_is_refused_naming_the_transposition(resolver, as_tensor):
+    def convert(a):
+        return torch.from_numpy(a) if as_tensor else a
+
+    stereo = noise(0.05, 16000, channels=2)
+    with pytest.raises(ValueError, match=r"\[T, channels\].*audio\.T"):
+        resolver.upsample(convert(stereo.T), 16000)
+    # 300 x 170 at 16 kHz would be 300 channels of 10.6 ms: too many to be channels
+    with pytest.raises(ValueError, match="300 channels"):
+        resolver.upsample(convert(noise(1.0, 51000)[: 300 * 170].reshape(300, 170)), 16000)
+    y, _ = resolver.upsample(convert(stereo), 16000)
+    assert y.shape == (2, 2400)
+
+
+@pytest.mark.parametrize(
+    "sr", [True, 0, -8000, 16000.5, "16000", 10**7, math.nan, None, 500]
+)
+def test_upsample_rejects_sample_rates_that_are_not_sane_integers(resolver, sr):
+    with pytest.raises(ValueError, match="sr must be an integer sample rate in Hz"):
+        resolver.upsample(noise(0.05, 16000), sr)
+
+
+def test_sample_rates_as_integral_numbers_are_accepted(resolver):
+    x = noise(0.05, 16000)
+    expected, _ = resolver.upsample(x, 16000)
+    for sr in (np.int64(16000), 16000.0):
+        np.testing.assert_array_equal(resolver.upsample(x, sr)[0], expected)
+    with pytest.raises(ValueError, match="input_sr"):
+        resolver.upsample(x, 16000, input_sr=True, keep_lowband=True)
+
+
+def test_temporaries_of_a_killed_write_are_removed_by_the_next_run(tmp_path, ckpt):
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(out / "a_superresolved.wav")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdout.readline().strip() == "writing"
+    writer.kill()
+    writer.wait()
+    assert len(glob.glob(str(out / ".tmp_*"))) == 1
+    (out / ".tmp_notes.wav").write_text("not ours: another program's name")
+    sf.write(tmp_path / "a.wav", noise(0.05), 48000)
+    code = inference_wav.main(
+        ["--wav_path", str(tmp_path / "a.wav"), "--output_dir", str(out)]
+        + ["--checkpoint_file", ckpt, "--device", "cpu", "--overwrite"]
+    )
+    assert code == 0
+    assert sorted(os.listdir(out)) == [".tmp_notes.wav", "a_superresolved.wav"]
+
+
+# Starts an atomic write of its argument and waits there to be killed.
+KILLED_WRITER = (
+    "import sys, time, utils\n"
+    "with utils.atomic_path(sys.argv[1]) as tmp:\n"
+    "    open(tmp, 'w').write('half a file')\n"
+    "    print('writing', flush=True)\n"
+    "    time.sleep(300)\n"
+)

@@ -4,6 +4,9 @@ import dataclasses
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -181,6 +184,26 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
         with open(tmp, "w") as f:
             f.write("new")
     assert target.read_text() == "new"
+
+
+def test_remove_stale_temporaries_removes_only_those_of_dead_writers(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    host = socket.gethostname()
+    kept = [
+        f".tmp_{host}_{os.getpid()}_k3x9w.wav",  # a write in progress
+        f".tmp_elsewhere_{dead.pid}_k3x9w.wav",  # another machine's process
+        ".tmp_notes.wav",  # not named by atomic_path
+        "a.wav",
+    ]
+    stale = tmp_path / f".tmp_{host}_{dead.pid}_k3x9w.wav"
+    for name in kept:
+        (tmp_path / name).write_text("x")
+    stale.write_text("half")
+    assert utils.remove_stale_temporaries(str(tmp_path)) == [str(stale)]
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+    with utils.atomic_path(str(tmp_path / "b.wav")) as tmp:
+        assert os.path.basename(tmp).startswith(f".tmp_{host}_{os.getpid()}_")
 
 
 def test_load_checkpoint_errors(tmp_path):
