@@ -5,16 +5,23 @@
 loads the model once and serves, on 127.0.0.1:8000 by default:
 
 - `/`: a page to pick, drop or record a file, see its detected bandwidth and the progress, compare
-  spectrograms, listen to both and download the result (static/, nothing from other hosts);
+  spectrograms, listen to both and download the result, or run the microphone live through the
+  model with its latency shown (static/, nothing from other hosts);
 - `POST /v1/superresolve`: a multipart audio file -> audio/wav at 48 kHz;
 - `POST /v1/jobs`, `GET /v1/jobs/{id}`, `GET /v1/jobs/{id}/result`,
   `GET /v1/jobs/{id}/spectrogram/{input|output}`, `DELETE /v1/jobs/{id}`: the same for long files,
   with progress; finished jobs expire;
-- `GET /healthz`, and the OpenAPI page at `/docs`.
+- `WS /v1/stream?sr=N[&gain=G][&keep_lowband=true]`: live super-resolution through
+  `SuperResolver.stream`: binary messages of float32 little-endian mono samples at N Hz in (at
+  most 1 s each), binary float32 samples at 48 kHz out as soon as they are final; the text
+  message "end" sends the rest and closes. Errors: a text message {"error": "..."}, then close
+  1008 (1013 while all `max_streams` are in use);
+- `GET /healthz`, and the OpenAPI page at `/docs` (served from local files).
 
 All inference goes through `inference_wav.SuperResolver` on one worker thread fed by a bounded
 queue (the machine has few cores): a request beyond the queue gets 429 at once, a cancelled job or
-a client that disconnects stops its work at the next generator pass. Errors are JSON
+a client that disconnects stops its work at the next generator pass. Live streams run beside
+that worker (at most `max_streams`), as they cannot wait in a queue. Errors are JSON
 `{"error": "..."}`; uploads are decoded from server-named temporary files, removed at once.
 """
 
@@ -39,9 +46,20 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 import uvicorn
-from fastapi import Depends, FastAPI, File, Form, Path, Request, UploadFile
+from fastapi import (
+    Depends,
+    FastAPI,
+    File,
+    Form,
+    Path,
+    Query,
+    Request,
+    UploadFile,
+    WebSocket,
+    WebSocketDisconnect,
+)
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
+from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -50,6 +68,7 @@ from starlette.exceptions import HTTPException
 
 import dataset
 import metrics
+import stream
 import utils
 from inference_wav import (
     FILE_ERRORS,
@@ -67,6 +86,10 @@ POLL_SECONDS = 0.1
 # (longer clips average neighbouring frames, so memory does not grow with the file).
 SPECTROGRAM_RANGE_DB = 80.0
 SPECTROGRAM_COLUMNS = 1200
+# Live streams: the largest message, and how long a silent client keeps its slot.
+STREAM_BLOCK_SECONDS = 1.0
+STREAM_IDLE_SECONDS = 30.0
+MAX_STREAM_RATE = 384000
 # multipart framing around the file itself: the body may exceed the file limit by this much
 FORM_OVERHEAD_BYTES = 64 * 1024
 WAV = {"audio/wav": {"schema": {"type": "string", "format": "binary"}}}
@@ -82,12 +105,14 @@ class Limits:
         max_seconds: longest clip (413 beyond it).
         queue_size: requests waiting behind the running one (429 beyond it).
         result_ttl: seconds a finished job and its result are kept.
+        max_streams: live streams at once (WS /v1/stream), beside the job worker.
     """
 
     max_upload_bytes: int = 100 * 2**20
     max_seconds: float = 600.0
     queue_size: int = 4
     result_ttl: float = 900.0
+    max_streams: int = 1
 
 
 class ErrorBody(BaseModel):
@@ -115,6 +140,7 @@ class Health(BaseModel):
     status: str
     queued: int
     running: bool
+    streams: int
 
 
 class ApiError(HTTPException):
@@ -134,7 +160,9 @@ class Options:
 
 @dataclasses.dataclass(eq=False)
 class Job:
-    audio: np.ndarray | None  # [channels, T] at `info.sample_rate`; dropped when the job ends
+    audio: (
+        np.ndarray | None
+    )  # [channels, T] at `info.sample_rate`; dropped when the job ends
     info: InputInfo
     options: Options
     plots: bool  # spectrograms for the page (jobs), none for /v1/superresolve
@@ -166,6 +194,7 @@ class Service:
         self._stopping = False
         self._wake = threading.Condition()
         self._thread = None
+        self._streams = 0
 
     def start(self) -> None:
         self.tmp_dir = tempfile.mkdtemp(prefix="wave_u_mamba_serve_")
@@ -187,7 +216,9 @@ class Service:
         self.sweep()
         with self._wake:
             if len(self._pending) >= self.limits.queue_size:
-                raise ApiError(429, f"queue full ({self.limits.queue_size} waiting); retry later")
+                raise ApiError(
+                    429, f"queue full ({self.limits.queue_size} waiting); retry later"
+                )
             self._pending.append(job)
             if keep:
                 self._jobs[job.id] = job
@@ -216,13 +247,32 @@ class Service:
 
     def health(self) -> Health:
         with self._wake:
-            return Health(status="ok", queued=len(self._pending), running=bool(self._running))
+            return Health(
+                status="ok",
+                queued=len(self._pending),
+                running=bool(self._running),
+                streams=self._streams,
+            )
+
+    def open_stream(self) -> bool:
+        """Takes a live-stream slot; False when all `max_streams` are taken."""
+        with self._wake:
+            if self._streams >= self.limits.max_streams:
+                return False
+            self._streams += 1
+            return True
+
+    def close_stream(self) -> None:
+        with self._wake:
+            self._streams -= 1
 
     def sweep(self) -> None:
         """Forgets jobs that ended more than `result_ttl` seconds ago."""
         oldest = time.monotonic() - self.limits.result_ttl
         with self._wake:
-            for job_id in [i for i, j in self._jobs.items() if j.ended and j.ended_at < oldest]:
+            for job_id in [
+                i for i, j in self._jobs.items() if j.ended and j.ended_at < oldest
+            ]:
                 del self._jobs[job_id]
 
     @staticmethod
@@ -317,7 +367,9 @@ def spectrogram_pngs(audio: np.ndarray, sr: int, y: np.ndarray) -> dict[str, byt
 
     seconds = audio.shape[-1] / sr
     specs = {
-        "input": log_spectrogram(np.atleast_2d(dataset.resample(audio, sr, SAMPLING_RATE))),
+        "input": log_spectrogram(
+            np.atleast_2d(dataset.resample(audio, sr, SAMPLING_RATE))
+        ),
         "output": log_spectrogram(np.atleast_2d(y)),
     }
     vmax = max(float(s.max()) for s in specs.values())
@@ -339,7 +391,9 @@ def spectrogram_pngs(audio: np.ndarray, sr: int, y: np.ndarray) -> dict[str, byt
     return images
 
 
-async def read_upload(service: Service, upload: UploadFile) -> tuple[np.ndarray, InputInfo]:
+async def read_upload(
+    service: Service, upload: UploadFile
+) -> tuple[np.ndarray, InputInfo]:
     """Decodes an upload through a server-named temporary file (removed at once) and checks it.
 
     Returns:
@@ -355,7 +409,8 @@ async def read_upload(service: Service, upload: UploadFile) -> tuple[np.ndarray,
         seconds = audio.shape[1] / sr
         if seconds > service.limits.max_seconds:
             raise ApiError(
-                413, f"audio is {seconds:.1f} s long; the limit is {service.limits.max_seconds:g} s"
+                413,
+                f"audio is {seconds:.1f} s long; the limit is {service.limits.max_seconds:g} s",
             )
         bandwidth = await run_in_threadpool(detect_bandwidth, audio, sr)
     except ValueError as e:
@@ -365,14 +420,21 @@ async def read_upload(service: Service, upload: UploadFile) -> tuple[np.ndarray,
         os.remove(path)
     name = os.path.basename(upload.filename or "upload")
     info = InputInfo(
-        name=name, sample_rate=sr, channels=audio.shape[0], seconds=seconds, bandwidth_hz=bandwidth
+        name=name,
+        sample_rate=sr,
+        channels=audio.shape[0],
+        seconds=seconds,
+        bandwidth_hz=bandwidth,
     )
     return audio, info
 
 
 def form_options(
     keep_lowband: Annotated[
-        bool, Form(description="keep the input's own band; the model adds only what lies above")
+        bool,
+        Form(
+            description="keep the input's own band; the model adds only what lies above"
+        ),
     ] = False,
     input_sr: Annotated[
         str,
@@ -384,15 +446,22 @@ def form_options(
     ] = "auto",
     audio_format: Annotated[
         Literal["pcm16", "float"],
-        Form(alias="format", description="pcm16 (scaled down if it would clip) or float32"),
+        Form(
+            alias="format",
+            description="pcm16 (scaled down if it would clip) or float32",
+        ),
     ] = "pcm16",
 ) -> Options:
-    return Options(keep_lowband, None if input_sr == "auto" else int(input_sr), audio_format)
+    return Options(
+        keep_lowband, None if input_sr == "auto" else int(input_sr), audio_format
+    )
 
 
 def attachment_name(info: InputInfo) -> str:
     """`<stem>_superresolved.wav`, reduced to characters safe in a header."""
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.splitext(info.name)[0])[:100] or "audio"
+    stem = (
+        re.sub(r"[^A-Za-z0-9._-]", "_", os.path.splitext(info.name)[0])[:100] or "audio"
+    )
     return f'attachment; filename="{stem}_superresolved.wav"'
 
 
@@ -449,7 +518,7 @@ def create_app(resolver: SuperResolver, limits: Limits = Limits()) -> FastAPI:
 
     app = FastAPI(
         title="Wave-U-Mamba speech super-resolution",
-        description="Upsamples speech of any rate to 48 kHz. Errors are JSON {\"error\": ...}.",
+        description='Upsamples speech of any rate to 48 kHz. Errors are JSON {"error": ...}.',
         version="1",
         lifespan=lifespan,
         docs_url=None,  # served below from local files: the default loads them from a CDN
@@ -459,8 +528,11 @@ def create_app(resolver: SuperResolver, limits: Limits = Limits()) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
     add_error_handlers(app)
     add_routes(app, service)
+    add_stream_route(app, service)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_dir()), name="docs-assets")
+    app.mount(
+        "/docs-assets", StaticFiles(directory=swagger_ui_dir()), name="docs-assets"
+    )
     return app
 
 
@@ -471,6 +543,16 @@ def swagger_ui_dir() -> str:
     return os.path.join(os.path.dirname(swagger_ui.__file__), "static")
 
 
+def describe_problems(
+    e: RequestValidationError | WebSocketRequestValidationError,
+) -> str:
+    """FastAPI's validation errors as one line: "field: problem; field: problem"."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in err['loc'][1:]) or 'request'}: {err['msg']}"
+        for err in e.errors()
+    )
+
+
 def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request, e):
@@ -478,11 +560,13 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, e):
-        problems = [
-            f"{'.'.join(str(part) for part in err['loc'][1:]) or 'request'}: {err['msg']}"
-            for err in e.errors()
-        ]
-        return JSONResponse({"error": "; ".join(problems)}, status_code=422)
+        return JSONResponse({"error": describe_problems(e)}, status_code=422)
+
+    @app.exception_handler(WebSocketRequestValidationError)
+    async def stream_validation_error(websocket, e):
+        # accepted first, so that the browser sees the reason and not a failed handshake
+        await websocket.accept()
+        await close_with_error(websocket, describe_problems(e))
 
     @app.exception_handler(Exception)
     async def internal_error(request, e):
@@ -498,7 +582,9 @@ ERRORS = {
         (429, "queue full"),
     ]
 }
-NOT_FOUND = {404: {"model": ErrorBody, "description": "unknown, deleted or expired job"}}
+NOT_FOUND = {
+    404: {"model": ErrorBody, "description": "unknown, deleted or expired job"}
+}
 JobId = Annotated[str, Path(max_length=64)]
 
 
@@ -528,7 +614,9 @@ def add_routes(app: FastAPI, service: Service) -> None:
     )
     async def superresolve(
         request: Request,
-        file: Annotated[UploadFile, File(description="audio: wav, flac, ogg, mp3, ...")],
+        file: Annotated[
+            UploadFile, File(description="audio: wav, flac, ogg, mp3, ...")
+        ],
         options: Annotated[Options, Depends(form_options)],
     ):
         """Super-resolves one file and answers with the 48 kHz WAV (same channels, duration)."""
@@ -550,7 +638,9 @@ def add_routes(app: FastAPI, service: Service) -> None:
 
     @app.post("/v1/jobs", status_code=202, responses=ERRORS)
     async def create_job(
-        file: Annotated[UploadFile, File(description="audio: wav, flac, ogg, mp3, ...")],
+        file: Annotated[
+            UploadFile, File(description="audio: wav, flac, ogg, mp3, ...")
+        ],
         options: Annotated[Options, Depends(form_options)],
     ) -> JobStatus:
         """Queues a file; poll GET /v1/jobs/{id}, then fetch its result."""
@@ -567,16 +657,26 @@ def add_routes(app: FastAPI, service: Service) -> None:
     def finished(job_id: str) -> Job:
         job = service.job(job_id)
         if job.state != "done":
-            detail = f"job failed: {job.error}" if job.state == "failed" else f"job is {job.state}"
+            detail = (
+                f"job failed: {job.error}"
+                if job.state == "failed"
+                else f"job is {job.state}"
+            )
             raise ApiError(409, detail)
         return job
 
-    conflict = {409: {"model": ErrorBody, "description": "the job has not finished well"}}
+    conflict = {
+        409: {"model": ErrorBody, "description": "the job has not finished well"}
+    }
 
     @app.get(
         "/v1/jobs/{job_id}/result",
         response_class=Response,
-        responses={200: {"content": WAV, "description": "48 kHz WAV"}, **NOT_FOUND, **conflict},
+        responses={
+            200: {"content": WAV, "description": "48 kHz WAV"},
+            **NOT_FOUND,
+            **conflict,
+        },
     )
     async def get_result(job_id: JobId):
         job = finished(job_id)
@@ -586,7 +686,11 @@ def add_routes(app: FastAPI, service: Service) -> None:
     @app.get(
         "/v1/jobs/{job_id}/spectrogram/{which}",
         response_class=Response,
-        responses={200: {"content": PNG, "description": "PNG"}, **NOT_FOUND, **conflict},
+        responses={
+            200: {"content": PNG, "description": "PNG"},
+            **NOT_FOUND,
+            **conflict,
+        },
     )
     async def get_spectrogram(job_id: JobId, which: Literal["input", "output"]):
         """The input's (resampled to 48 kHz) or the output's spectrogram, one colour scale."""
@@ -597,6 +701,73 @@ def add_routes(app: FastAPI, service: Service) -> None:
         """Cancels a queued or running job, or deletes a finished one."""
         service.cancel(service.job(job_id))
         return Response(status_code=204)
+
+
+async def close_with_error(
+    websocket: WebSocket, message: str, code: int = 1008
+) -> None:
+    """Sends {"error": message} and closes (1008: policy violation), unless the client left."""
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        await websocket.send_json({"error": message})
+        await websocket.close(code)
+
+
+async def relay(websocket: WebSocket, processor, sr: int, max_seconds: float) -> None:
+    """Feeds a stream's binary messages through `processor` and sends back what it makes final,
+    until the text message "end" (then the rest, and close) or a disconnect."""
+    received = 0
+    while True:
+        try:
+            message = await asyncio.wait_for(websocket.receive(), STREAM_IDLE_SECONDS)
+        except TimeoutError:
+            raise ValueError(f"no audio for {STREAM_IDLE_SECONDS:g} s") from None
+        if message["type"] == "websocket.disconnect":
+            return
+        if message.get("text") == "end":
+            y = await run_in_threadpool(processor.flush)
+            await websocket.send_bytes(y.astype("<f4").tobytes())
+            await websocket.close(1000)
+            return
+        data = message.get("bytes")
+        if data is None or len(data) % 4:
+            raise ValueError(
+                'send float32 samples as binary messages, then the text "end"'
+            )
+        if len(data) // 4 > STREAM_BLOCK_SECONDS * sr:
+            raise ValueError(
+                f"a message holds at most {STREAM_BLOCK_SECONDS:g} s of audio"
+            )
+        received += len(data) // 4
+        if received > max_seconds * sr:
+            raise ValueError(f"stream longer than the limit of {max_seconds:g} s")
+        y = await run_in_threadpool(processor.process, np.frombuffer(data, "<f4"))
+        if len(y):
+            await websocket.send_bytes(y.astype("<f4").tobytes())
+
+
+def add_stream_route(app: FastAPI, service: Service) -> None:
+    @app.websocket("/v1/stream")
+    async def live(
+        websocket: WebSocket,
+        sr: Annotated[int, Query(gt=0, le=MAX_STREAM_RATE)],
+        gain: Annotated[float, Query(gt=0, allow_inf_nan=False)] = stream.DEFAULT_GAIN,
+        keep_lowband: bool = False,
+    ):
+        """Live super-resolution (see the module docstring for the protocol)."""
+        await websocket.accept()
+        if not service.open_stream():
+            busy = f"{service.limits.max_streams} live stream(s) already running; retry later"
+            return await close_with_error(websocket, busy, 1013)
+        try:
+            lowband_hz = sr / 2 if keep_lowband else None
+            processor = service.resolver.stream(sr, gain, 1, lowband_hz)
+            await relay(websocket, processor, sr, service.limits.max_seconds)
+        except ValueError as e:
+            await close_with_error(websocket, one_line(e))
+        except WebSocketDisconnect:
+            pass
+        finally:
+            service.close_stream()
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -622,19 +793,43 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--max_seconds", type=float, default=defaults.max_seconds)
     parser.add_argument(
-        "--queue_size", type=int, default=defaults.queue_size, help="requests waiting (429 beyond)"
+        "--queue_size",
+        type=int,
+        default=defaults.queue_size,
+        help="requests waiting (429 beyond)",
     )
     parser.add_argument(
-        "--result_ttl", type=float, default=defaults.result_ttl, help="seconds results are kept"
+        "--result_ttl",
+        type=float,
+        default=defaults.result_ttl,
+        help="seconds results are kept",
+    )
+    parser.add_argument(
+        "--max_streams",
+        type=int,
+        default=defaults.max_streams,
+        help="live streams at once",
     )
     a = parser.parse_args(argv)
-    if min(a.max_upload_mb, a.max_seconds, a.queue_size, a.result_ttl) <= 0:
+    if (
+        min(a.max_upload_mb, a.max_seconds, a.queue_size, a.result_ttl, a.max_streams)
+        <= 0
+    ):
         parser.error("limits must be positive")
-    limits = Limits(round(a.max_upload_mb * 2**20), a.max_seconds, a.queue_size, a.result_ttl)
+    limits = Limits(
+        round(a.max_upload_mb * 2**20),
+        a.max_seconds,
+        a.queue_size,
+        a.result_ttl,
+        a.max_streams,
+    )
     try:
         sock = listen(a.host, a.port)
     except OSError as e:
-        print(f"error: cannot listen on {a.host}:{a.port}: {e.strerror or e}", file=sys.stderr)
+        print(
+            f"error: cannot listen on {a.host}:{a.port}: {e.strerror or e}",
+            file=sys.stderr,
+        )
         return 1
     try:
         resolver = SuperResolver.from_pretrained(a.checkpoint_file, a.device)
@@ -642,7 +837,11 @@ def main(argv=None) -> int:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     host = f"[{a.host}]" if ":" in a.host else a.host
-    print(f"serving on http://{host}:{sock.getsockname()[1]}/", file=sys.stderr, flush=True)
+    print(
+        f"serving on http://{host}:{sock.getsockname()[1]}/",
+        file=sys.stderr,
+        flush=True,
+    )
     config = uvicorn.Config(create_app(resolver, limits), log_level="warning")
     uvicorn.Server(config).run(sockets=[sock])
     return 0

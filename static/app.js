@@ -194,3 +194,97 @@ $("record").addEventListener("click", async () => {
   button.textContent = "Stop";
   button.classList.add("recording");
 });
+
+// Live mode: microphone -> an AudioContext at the chosen rate (the browser resamples, which
+// band-limits the voice like a call) -> capture-worklet.js blocks -> WS /v1/stream -> 48 kHz
+// blocks played back to back. The latency shown runs from sending an input block to playing
+// the output made from it.
+const LIVE_BLOCK_SECONDS = 0.02;
+const PLAYBACK_MARGIN_SECONDS = 0.05;
+let live = null;
+
+function setLiveError(message) {
+  $("live-error").textContent = message || "";
+  $("live-error").hidden = !message;
+}
+
+function play(state, samples) {
+  if (!samples.length) return;
+  const buffer = state.playback.createBuffer(1, samples.length, 48000);
+  buffer.copyToChannel(samples, 0);
+  const source = state.playback.createBufferSource();
+  source.buffer = buffer;
+  source.connect(state.playback.destination);
+  const now = state.playback.currentTime;
+  const start = Math.max(state.nextTime, now + PLAYBACK_MARGIN_SECONDS);
+  source.start(start);
+  state.nextTime = start + buffer.duration;
+  state.outputSamples += samples.length;
+  // the input block holding the sample that the last output sample was made from
+  const inputIndex = (state.outputSamples * state.rate) / 48000;
+  while (state.sent.length > 1 && state.sent[0].end < inputIndex) state.sent.shift();
+  const server = performance.now() - state.sent[0].time;
+  const total = server + 1000 * (state.nextTime - now);
+  $("live-latency").textContent =
+    `${Math.round(total)} ms (${Math.round(server)} ms of it server and network)`;
+}
+
+async function startLive() {
+  const rate = Number($("live-rate").value);
+  const mic = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1 } });
+  const capture = new AudioContext({ sampleRate: rate });
+  const playback = new AudioContext({ sampleRate: 48000 });
+  await capture.audioWorklet.addModule("/static/capture-worklet.js");
+  const tap = new AudioWorkletNode(capture, "capture", {
+    processorOptions: { blockSize: Math.round(rate * LIVE_BLOCK_SECONDS) },
+  });
+  capture.createMediaStreamSource(mic).connect(tap);
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const lowband = $("live-lowband").checked;
+  const socket = new WebSocket(
+    `${scheme}://${location.host}/v1/stream?sr=${rate}&keep_lowband=${lowband}`
+  );
+  socket.binaryType = "arraybuffer";
+  const state = { mic, capture, playback, socket, rate, sent: [], inputSamples: 0, outputSamples: 0, nextTime: 0 };
+  tap.port.onmessage = (event) => {
+    if (socket.readyState !== WebSocket.OPEN) return;
+    state.inputSamples += event.data.length;
+    state.sent.push({ end: state.inputSamples, time: performance.now() });
+    socket.send(event.data.buffer);
+  };
+  socket.onmessage = (event) => {
+    if (typeof event.data === "string") setLiveError(JSON.parse(event.data).error);
+    else play(state, new Float32Array(event.data));
+  };
+  socket.onclose = () => {
+    stopLive(state);
+    // let what was scheduled finish playing
+    const left = Math.max(0, state.nextTime - playback.currentTime);
+    setTimeout(() => playback.close(), 1000 * left + 100);
+  };
+  live = state;
+  $("live-toggle").textContent = "Stop live";
+  $("live-toggle").classList.add("recording");
+  $("live-latency").textContent = "…";
+}
+
+function stopLive(state) {
+  if (!state || state.stopped) return;
+  state.stopped = true;
+  if (live === state) live = null;
+  state.mic.getTracks().forEach((track) => track.stop());
+  state.capture.close();
+  // the server sends what is left, then closes
+  if (state.socket.readyState === WebSocket.OPEN) state.socket.send("end");
+  $("live-toggle").textContent = "Start live";
+  $("live-toggle").classList.remove("recording");
+}
+
+$("live-toggle").addEventListener("click", () => {
+  if (live) {
+    stopLive(live);
+    return;
+  }
+  setLiveError("");
+  startLive().catch((error) => setLiveError(`live mode: ${error.message}`));
+});

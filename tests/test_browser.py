@@ -25,7 +25,8 @@ CHROMIUM = shutil.which("chromium")
 DEADLINE_MS = 300_000
 
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (.ci/run installs it with apt-get)"
+    CHROMIUM is None,
+    reason="chromium is not installed (.ci/run installs it with apt-get)",
 )
 
 
@@ -64,38 +65,71 @@ def server(tmp_path_factory):
             process.wait()
 
 
-def test_upload_listen_compare(server, tmp_path):
+@pytest.fixture
+def browser():
     playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        # a fake microphone (a beep) that needs no permission prompt, for the live mode
+        args = [
+            "--no-sandbox",
+            "--use-fake-device-for-media-stream",
+            "--use-fake-ui-for-media-stream",
+        ]
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        yield browser
+        browser.close()
+
+
+def open_page(browser, url, requests, problems):
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    page.on("request", lambda request: requests.append(request.url))
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.on(
+        "console",
+        lambda message: message.type == "error" and problems.append(message.text),
+    )
+    page.goto(url + "/")
+    return page
+
+
+def test_upload_listen_compare(server, browser, tmp_path):
     seconds = sf.info(CLIP).duration
     requests, problems = [], []
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
-        page.on("request", lambda request: requests.append(request.url))
-        page.on("pageerror", lambda error: problems.append(str(error)))
-        page.on(
-            "console",
-            lambda message: message.type == "error" and problems.append(message.text),
-        )
-        page.goto(server + "/")
-        page.set_input_files("#file", CLIP)
-        page.wait_for_selector("#results", state="visible", timeout=DEADLINE_MS)
-        page.wait_for_function(
-            "document.getElementById('player-output').duration > 0", timeout=30_000
-        )
-        page.wait_for_function(
-            "['spectrogram-input', 'spectrogram-output'].every(id => {"
-            " const image = document.getElementById(id);"
-            " return image.complete && image.naturalWidth > 0; })",
-            timeout=30_000,
-        )
-        duration = page.eval_on_selector("#player-output", "audio => audio.duration")
-        bandwidth = page.inner_text("#bandwidth")
-        error_shown = page.is_visible("#error")
-        page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
-        browser.close()
+    page = open_page(browser, server, requests, problems)
+    page.set_input_files("#file", CLIP)
+    page.wait_for_selector("#results", state="visible", timeout=DEADLINE_MS)
+    page.wait_for_function(
+        "document.getElementById('player-output').duration > 0", timeout=30_000
+    )
+    page.wait_for_function(
+        "['spectrogram-input', 'spectrogram-output'].every(id => {"
+        " const image = document.getElementById(id);"
+        " return image.complete && image.naturalWidth > 0; })",
+        timeout=30_000,
+    )
+    duration = page.eval_on_selector("#player-output", "audio => audio.duration")
+    bandwidth = page.inner_text("#bandwidth")
+    error_shown = page.is_visible("#error")
+    cancel_shown = page.is_visible("#cancel")
+    page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
     assert abs(duration - seconds) < 0.01
     assert bandwidth.startswith("4 kHz")
-    assert not error_shown and not problems
+    assert not error_shown and not cancel_shown and not problems
     assert all(url.startswith((server, "blob:", "data:")) for url in requests), requests
     assert os.path.getsize(tmp_path / "serve.png") > 10_000
+
+
+def test_live_mode_plays_the_microphone_back_with_its_latency(server, browser):
+    requests, problems = [], []
+    page = open_page(browser, server, requests, problems)
+    page.click("#live-toggle")
+    # the first output block: the latency shows a number of milliseconds
+    page.wait_for_function(
+        "/^\\d+ ms/.test(document.getElementById('live-latency').textContent)",
+        timeout=DEADLINE_MS,
+    )
+    assert page.inner_text("#live-toggle") == "Stop live"
+    page.click("#live-toggle")
+    assert page.inner_text("#live-toggle") == "Start live"
+    assert not page.is_visible("#live-error") and not problems
+    assert all(url.startswith((server, "blob:", "data:")) for url in requests), requests

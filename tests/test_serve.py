@@ -10,6 +10,7 @@ a test needs work in flight.
 import concurrent.futures
 import contextlib
 import io
+import json
 import os
 import re
 import socket
@@ -50,7 +51,9 @@ class CountingResolver(SuperResolver):
         self.gate = threading.Event()
         self.gate.set()
 
-    def upsample(self, audio, sr, input_sr=None, keep_lowband=False, progress=None, **kwargs):
+    def upsample(
+        self, audio, sr, input_sr=None, keep_lowband=False, progress=None, **kwargs
+    ):
         def counted(fraction):
             self.passes += 1
             assert self.gate.wait(TIMEOUT)
@@ -58,7 +61,9 @@ class CountingResolver(SuperResolver):
             if progress is not None:
                 progress(fraction)
 
-        return super().upsample(audio, sr, input_sr, keep_lowband, progress=counted, **kwargs)
+        return super().upsample(
+            audio, sr, input_sr, keep_lowband, progress=counted, **kwargs
+        )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,7 +108,9 @@ def real_server(resolver, **limits):
     app = serve.create_app(resolver, serve.Limits(**limits))
     sock = serve.listen("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, daemon=True
+    )
     thread.start()
     try:
         wait_until(lambda: server.started)
@@ -210,7 +217,8 @@ def test_superresolve_returns_the_apis_result(resolver, sr, channels, options):
     expected, _ = resolver.upsample(audio, sr, input_sr, keep)
     with client_for(resolver) as client:
         response = client.post(
-            "/v1/superresolve", **upload(wav_bytes(audio, sr), format="float", **options)
+            "/v1/superresolve",
+            **upload(wav_bytes(audio, sr), format="float", **options),
         )
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "audio/wav"
@@ -325,9 +333,12 @@ def test_queue_full_is_429_at_once_and_the_queue_drains(resolver):
         wait_until(lambda: client.get("/healthz").json()["running"])
         second = client.post("/v1/jobs", **upload(data))
         assert second.status_code == 202 and second.json()["position"] == 1
-        assert "queue full" in assert_error(client.post("/v1/jobs", **upload(data)), 429)
+        assert "queue full" in assert_error(
+            client.post("/v1/jobs", **upload(data)), 429
+        )
         assert_error(client.post("/v1/superresolve", **upload(data)), 429)
-        assert client.get("/healthz").json() == {"status": "ok", "queued": 1, "running": True}
+        health = client.get("/healthz").json()
+        assert health == {"status": "ok", "queued": 1, "running": True, "streams": 0}
         early = client.get(f"/v1/jobs/{first['id']}/result")
         assert assert_error(early, 409) == "job is running"
         resolver.gate.set()
@@ -337,7 +348,9 @@ def test_queue_full_is_429_at_once_and_the_queue_drains(resolver):
 
 def test_concurrent_clients_each_get_their_own_result(resolver):
     cases = [(8000, None), (16000, 2), (22050, None), (44100, None)]
-    inputs = [clip(0.25, sr, channels, seed=i) for i, (sr, channels) in enumerate(cases)]
+    inputs = [
+        clip(0.25, sr, channels, seed=i) for i, (sr, channels) in enumerate(cases)
+    ]
     expected = [resolver.upsample(x, sr)[0] for x, (sr, _) in zip(inputs, cases)]
     with client_for(resolver, queue_size=len(cases)) as client:
 
@@ -360,7 +373,9 @@ def test_job_lifecycle(chunked):
     expected, _ = chunked.upsample(audio, 16000)
     chunked.delay = 0.005
     with client_for(chunked) as client:
-        created = client.post("/v1/jobs", **upload(wav_bytes(audio, 16000), format="float"))
+        created = client.post(
+            "/v1/jobs", **upload(wav_bytes(audio, 16000), format="float")
+        )
         assert created.status_code == 202, created.text
         job = created.json()
         assert job["state"] in ("queued", "running")
@@ -432,6 +447,94 @@ def test_temporary_files_are_removed(resolver):
     assert not os.path.exists(tmp_dir)
 
 
+# --- WS /v1/stream -------------------------------------------------------------------------
+
+
+def stream_through(client, query, blocks):
+    """Sends float32 blocks and "end"; returns (the concatenated output, the close code)."""
+    with client.websocket_connect(f"/v1/stream?{query}") as ws:
+        for block in blocks:
+            ws.send_bytes(np.asarray(block, "<f4").tobytes())
+        ws.send_text("end")
+        out = []
+        while (message := ws.receive())["type"] != "websocket.close":
+            out.append(np.frombuffer(message["bytes"], "<f4"))
+    return np.concatenate(out), message["code"]
+
+
+@pytest.mark.parametrize(
+    "query, gain, lowband_hz",
+    [("", 1.0, None), ("&gain=4&keep_lowband=true", 4.0, 4000)],
+)
+def test_stream_gives_what_the_stream_processor_gives(
+    resolver, query, gain, lowband_hz
+):
+    audio = clip(0.3, 8000, seed=5)
+    blocks = np.array_split(audio, [160, 170, 500, 1700])  # any sizes, an empty one too
+    processor = resolver.stream(8000, gain, 1, lowband_hz)
+    expected = np.concatenate(
+        [processor.process(b) for b in blocks] + [processor.flush()]
+    )
+    with client_for(resolver) as client:
+        y, code = stream_through(client, "sr=8000" + query, blocks)
+        assert client.get("/healthz").json()["streams"] == 0
+    assert code == 1000 and len(y) == round(len(audio) * 48000 / 8000)
+    np.testing.assert_array_equal(y, expected)
+
+
+def stream_error(client, query, *messages):
+    """Opens a stream, sends `messages` (bytes or str); returns (its error, the close code)."""
+    with client.websocket_connect(f"/v1/stream?{query}") as ws:
+        for message in messages:
+            (
+                ws.send_bytes(message)
+                if isinstance(message, bytes)
+                else ws.send_text(message)
+            )
+        # output of the blocks before the bad one comes first
+        while "text" not in (message := ws.receive()):
+            assert "bytes" in message
+        error = json.loads(message["text"])
+        closed = ws.receive()
+    assert set(error) == {"error"} and closed["type"] == "websocket.close"
+    return error["error"], closed["code"]
+
+
+@pytest.mark.parametrize(
+    "query, messages, expected",
+    [
+        ("sr=abc", [], "sr: "),
+        ("sr=0", [], "sr: "),
+        ("", [], "sr: Field required"),
+        ("sr=8000&gain=-1", [], "gain: "),
+        ("sr=8000&gain=nan", [], "gain: "),
+        ("sr=8000", [b"abc"], "float32"),
+        ("sr=8000", ["start"], "float32"),
+        ("sr=8000", [np.zeros(8001, "<f4").tobytes()], "at most 1 s"),
+        ("sr=8000", [np.full(100, np.nan, "<f4").tobytes()], "NaN"),
+        ("sr=8000", [np.zeros(8000, "<f4").tobytes()] * 2, "limit of 1.5 s"),
+    ],
+)
+def test_stream_errors_are_a_json_message_then_close_1008(
+    resolver, query, messages, expected
+):
+    with client_for(resolver, max_seconds=1.5) as client:
+        error, code = stream_error(client, query, *messages)
+        assert expected in error and code == 1008
+        assert client.get("/healthz").json()["streams"] == 0
+
+
+def test_streams_beyond_the_limit_are_refused_until_one_ends(resolver):
+    with client_for(resolver, max_streams=1) as client:
+        with client.websocket_connect("/v1/stream?sr=8000") as first:
+            first.send_bytes(clip(0.1, 8000).tobytes())
+            assert client.get("/healthz").json()["streams"] == 1
+            error, code = stream_error(client, "sr=8000")
+            assert "already running" in error and code == 1013
+        wait_until(lambda: client.get("/healthz").json()["streams"] == 0)
+        assert stream_through(client, "sr=8000", [clip(0.1, 8000)])[1] == 1000
+
+
 # --- a real server --------------------------------------------------------------------------
 
 
@@ -451,8 +554,7 @@ def test_a_client_that_disconnects_leaves_no_work_running(chunked):
             conn.sendall(
                 f"POST /v1/superresolve HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
+                f"Content-Length: {len(body)}\r\n\r\n".encode() + body
             )
             wait_until(lambda: chunked.passes >= 2)
         wait_until(lambda: not app.state.service.health().running)
@@ -506,8 +608,11 @@ def test_page_docs_and_health(resolver):
         assert_error(client.get("/static/missing.js"), 404)
         assert client.get("/docs").status_code == 200
         paths = client.get("/openapi.json").json()["paths"]
-        assert {"/v1/superresolve", "/v1/jobs", "/v1/jobs/{job_id}", "/healthz"} <= set(paths)
-        assert client.get("/healthz").json() == {"status": "ok", "queued": 0, "running": False}
+        assert {"/v1/superresolve", "/v1/jobs", "/v1/jobs/{job_id}", "/healthz"} <= set(
+            paths
+        )
+        health = client.get("/healthz").json()
+        assert health == {"status": "ok", "queued": 0, "running": False, "streams": 0}
 
 
 def test_the_page_loads_nothing_from_other_hosts():
@@ -528,7 +633,10 @@ def test_main_exits_1_with_one_line_when_the_port_is_taken(capsys):
         port = taken.getsockname()[1]
         assert serve.main(["--port", str(port)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}") and err.count("\n") == 1
+    assert (
+        err.startswith(f"error: cannot listen on 127.0.0.1:{port}")
+        and err.count("\n") == 1
+    )
 
 
 def test_main_exits_1_with_one_line_for_a_bad_checkpoint(tmp_path, capsys):
