@@ -609,8 +609,8 @@ def one_line(error: Exception) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def main(argv=None) -> int:
-    """The command line; returns the exit code (1 if anything failed)."""
+def _parse_args(argv) -> argparse.Namespace:
+    """The command line's arguments, checked; input_sr becomes None (auto) or an int."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--wav_path",
@@ -671,8 +671,13 @@ def main(argv=None) -> int:
         )
     if a.gain is not None and not 0 < a.gain < float("inf"):
         parser.error(f"--gain must be positive, not {a.gain}")
-    input_sr = None if a.input_sr == "auto" else int(a.input_sr)
+    a.input_sr = None if a.input_sr == "auto" else int(a.input_sr)
+    return a
 
+
+def main(argv=None) -> int:
+    """The command line; returns the exit code (1 if anything failed)."""
+    a = _parse_args(argv)
     try:
         resolver = SuperResolver.from_pretrained(
             a.checkpoint_file, a.device, a.scan_impl, a.cfgs_path
@@ -707,7 +712,7 @@ def main(argv=None) -> int:
                     f"{path}: its output {out} already exists (--overwrite replaces it)"
                 )
             resolver.upsample_file(
-                path, out, a.format, input_sr, a.keep_lowband, a.gain
+                path, out, a.format, a.input_sr, a.keep_lowband, a.gain
             )
         except FILE_ERRORS as e:
             message = one_line(e) if path in str(e) else f"{path}: {one_line(e)}"
