@@ -518,7 +518,8 @@ def create_app(resolver: SuperResolver, limits: Limits = Limits()) -> FastAPI:
 
     app = FastAPI(
         title="Wave-U-Mamba speech super-resolution",
-        description='Upsamples speech of any rate to 48 kHz. Errors are JSON {"error": ...}.',
+        description='Upsamples speech of any rate to 48 kHz. Errors are JSON {"error": "..."}. '
+        "Live streams use the WebSocket /v1/stream (see serve.py's docstring).",
         version="1",
         lifespan=lifespan,
         docs_url=None,  # served below from local files: the default loads them from a CDN
