@@ -44,6 +44,7 @@ import traceback
 from typing import Annotated, Literal
 
 import numpy as np
+import soundfile as sf
 import torch
 import uvicorn
 from fastapi import (
@@ -160,9 +161,8 @@ class Options:
 
 @dataclasses.dataclass(eq=False)
 class Job:
-    audio: (
-        np.ndarray | None
-    )  # [channels, T] at `info.sample_rate`; dropped when the job ends
+    # [channels, T] at `info.sample_rate`; dropped when the job ends
+    audio: np.ndarray | None
     info: InputInfo
     options: Options
     plots: bool  # spectrograms for the page (jobs), none for /v1/superresolve
@@ -391,6 +391,24 @@ def spectrogram_pngs(audio: np.ndarray, sr: int, y: np.ndarray) -> dict[str, byt
     return images
 
 
+def declared_seconds(path: str) -> float:
+    """The length an audio file's header declares, in seconds (0 if it cannot be read: the
+    decoder then says why)."""
+    try:
+        info = sf.info(path)
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        return 0.0
+    return info.frames / info.samplerate if info.samplerate > 0 else 0.0
+
+
+def check_length(seconds: float, max_seconds: float) -> None:
+    """ApiError 413 for a clip longer than `max_seconds`."""
+    if seconds > max_seconds:
+        raise ApiError(
+            413, f"audio is {seconds:.1f} s long; the limit is {max_seconds:g} s"
+        )
+
+
 async def read_upload(
     service: Service, upload: UploadFile
 ) -> tuple[np.ndarray, InputInfo]:
@@ -405,13 +423,11 @@ async def read_upload(
         with os.fdopen(fd, "wb") as f:
             while block := await upload.read(1 << 20):
                 f.write(block)
+        # the declared length first: a small compressed file can decode to hours of audio
+        check_length(declared_seconds(path), service.limits.max_seconds)
         audio, sr = await run_in_threadpool(dataset.load_audio, path)
         seconds = audio.shape[1] / sr
-        if seconds > service.limits.max_seconds:
-            raise ApiError(
-                413,
-                f"audio is {seconds:.1f} s long; the limit is {service.limits.max_seconds:g} s",
-            )
+        check_length(seconds, service.limits.max_seconds)
         bandwidth = await run_in_threadpool(detect_bandwidth, audio, sr)
     except ValueError as e:
         # the message names our temporary file; the client knows its file as "upload"
@@ -529,6 +545,7 @@ def create_app(resolver: SuperResolver, limits: Limits = Limits()) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
     add_error_handlers(app)
     add_routes(app, service)
+    add_job_routes(app, service)
     add_stream_route(app, service)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.mount(
@@ -637,6 +654,8 @@ def add_routes(app: FastAPI, service: Service) -> None:
         }
         return Response(job.wav, media_type="audio/wav", headers=headers)
 
+
+def add_job_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/jobs", status_code=202, responses=ERRORS)
     async def create_job(
         file: Annotated[
@@ -827,14 +846,16 @@ def main(argv=None) -> int:
     try:
         sock = listen(a.host, a.port)
     except OSError as e:
-        print(
-            f"error: cannot listen on {a.host}:{a.port}: {e.strerror or e}",
-            file=sys.stderr,
+        # create_server appends the address to strerror; errno's own text is enough
+        reason = (
+            os.strerror(e.errno) if (e.errno or 0) > 0 else e.strerror or one_line(e)
         )
+        print(f"error: cannot listen on {a.host}:{a.port}: {reason}", file=sys.stderr)
         return 1
     try:
         resolver = SuperResolver.from_pretrained(a.checkpoint_file, a.device)
     except FILE_ERRORS as e:
+        sock.close()
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     host = f"[{a.host}]" if ":" in a.host else a.host

@@ -325,6 +325,22 @@ def test_size_and_duration_limits_are_413(resolver):
         assert client.get("/healthz").json()["queued"] == 0
 
 
+def test_a_clip_declared_too_long_is_refused_before_it_is_decoded(
+    resolver, monkeypatch
+):
+    # a small compressed file can hold hours of audio: its header is checked first
+    def decode_all(path):
+        raise AssertionError("decoded a clip whose header is over the limit")
+
+    monkeypatch.setattr(serve.dataset, "load_audio", decode_all)
+    with client_for(resolver, max_seconds=0.5) as client:
+        data = wav_bytes(clip(1.0, 8000), 8000, "PCM_16")
+        for path in ("/v1/superresolve", "/v1/jobs"):
+            assert "the limit is 0.5 s" in assert_error(
+                client.post(path, **upload(data)), 413
+            )
+
+
 def test_queue_full_is_429_at_once_and_the_queue_drains(resolver):
     resolver.gate.clear()  # the first job holds the worker until the gate opens
     data = wav_bytes(clip(), 8000)
