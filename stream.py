@@ -84,9 +84,10 @@ class Window:
         first = self.start // self.den * self.num  # the global index of fn's output 0
         y = self.fn(self.buffer)[..., self.emitted - first : stop - first]
         self.emitted = stop
-        # keep the inputs of whole frames (den samples) that outputs from `emitted` on need
+        # keep the inputs of whole frames (den samples) that outputs from `emitted` on need;
+        # a copy, since a view would keep the whole block's buffer alive until the next one
         frame = max(0, (self.emitted - self.lo) // self.num)
-        self.buffer = self.buffer[..., frame * self.den - self.start :]
+        self.buffer = self.buffer[..., frame * self.den - self.start :].clone()
         self.start = frame * self.den
         return y  # [B, C_out, m]
 
@@ -148,7 +149,8 @@ class Merge:
                 f"streams end at different lengths {self.a.shape[-1]}, {self.b.shape[-1]}"
             )
         y = self.combine(self.a[..., :n], self.b[..., :n])
-        self.a, self.b = self.a[..., n:], self.b[..., n:]
+        # copies: views would keep the whole buffers alive
+        self.a, self.b = self.a[..., n:].clone(), self.b[..., n:].clone()
         return y
 
 
