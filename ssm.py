@@ -221,9 +221,11 @@ def _load_kernel():
         raise RuntimeError(_kernel_error) from e
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for suffix in ("f32", "f64"):
-        getattr(lib, f"scan_fwd_{suffix}").argtypes = [p] * 7 + [i64] * 6 + [p] * 3 + [i32]
+        getattr(lib, f"scan_fwd_{suffix}").argtypes = (
+            [p] * 9 + [i64] * 6 + [i32] + [p] * 3 + [i32]
+        )
         getattr(lib, f"scan_bwd_{suffix}").argtypes = (
-            [p] * 6 + [i64] * 6 + [p] * 10 + [i32]
+            [p] * 8 + [i64] * 6 + [i32] + [p] * 11 + [i32]
         )
         getattr(lib, f"conv_fwd_{suffix}").argtypes = [p] * 3 + [i64] * 4 + [p, i32]
         getattr(lib, f"conv_bwd_{suffix}").argtypes = (
@@ -243,12 +245,12 @@ def _groups(nb, nd):
 
 
 class _CompiledScan(torch.autograd.Function):
-    # (y, last_state) = scan(u, dt, A, B, C, h0) + D * u on contiguous CPU tensors of one dtype;
-    # u, dt: [B, D, L]; A: [D, N]; B, C: [B, L, N] (time-major: one row per step); D: [D];
-    # h0: [B, D, N] or None (zeros).
+    # (y, last_state) = the scan with its bias, softplus and gate, on contiguous CPU tensors of
+    # one dtype; u, delta: [B, D, L]; A: [D, N]; B, C: [B, L, N] (time-major: one row per step);
+    # D: [D]; z: [B, D, L] or None; delta_bias: [D] or None; h0: [B, D, N] or None (zeros).
 
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, D, h0):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus):
         lib = _load_kernel()
         nb, nd, length = u.shape
         n_state = A.shape[1]
@@ -256,59 +258,66 @@ class _CompiledScan(torch.autograd.Function):
         out = torch.empty_like(u)
         last = u.new_empty(nb, nd, n_state)
         hs = None
-        ctx.chunk = _CHUNK
+        ctx.chunk, ctx.softplus = _CHUNK, softplus
         if any(ctx.needs_input_grad):
             hs = u.new_empty(nb, nd, -(-length // ctx.chunk), n_state)
         getattr(lib, f"scan_fwd_{suffix}")(
-            *map(_ptr, (u, dt, A, B, C, D, h0)),
+            *map(_ptr, (u, delta, A, B, C, D, delta_bias, z, h0)),
             nb,
             nd,
             length,
             n_state,
             ctx.chunk,
             _groups(nb, nd),
+            int(softplus),
             *map(_ptr, (out, hs, last)),
             torch.get_num_threads(),
         )
         # the backward reads the initial state from hs (the first stored state)
-        ctx.save_for_backward(u, dt, A, B, C, D, hs)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hs)
         return out, last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gout, glast):
-        u, dt, A, B, C, D, hs = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, hs = ctx.saved_tensors
         lib = _load_kernel()
         nb, nd, length = u.shape
         n_state = A.shape[1]
         groups = _groups(nb, nd)
         suffix = "f32" if u.dtype == torch.float32 else "f64"
         gout, glast = gout.contiguous(), glast.contiguous()
-        gu, gdt = torch.empty_like(u), torch.empty_like(u)
-        gh0 = torch.empty_like(glast) if ctx.needs_input_grad[6] else None
+        gu, gdelta = torch.empty_like(u), torch.empty_like(u)
+        gz = torch.empty_like(z) if z is not None else None
+        gh0 = torch.empty_like(glast) if ctx.needs_input_grad[8] else None
         gA = u.new_empty(nb, nd, n_state, dtype=torch.float64)
         gD = u.new_empty(nb, nd, dtype=torch.float64)
         gB = u.new_empty(nb, groups, length, n_state)
         gC = u.new_empty(nb, groups, length, n_state)
         getattr(lib, f"scan_bwd_{suffix}")(
-            *map(_ptr, (u, dt, A, B, C, D)),
+            *map(_ptr, (u, delta, A, B, C, D, delta_bias, z)),
             nb,
             nd,
             length,
             n_state,
             ctx.chunk,
             groups,
-            *map(_ptr, (hs, gout, glast, gu, gdt, gA, gD, gB, gC, gh0)),
+            int(ctx.softplus),
+            *map(_ptr, (hs, gout, glast, gu, gdelta, gz, gA, gD, gB, gC, gh0)),
             torch.get_num_threads(),
         )
+        gbias = gdelta.sum((0, 2)) if delta_bias is not None else None
         return (
             gu,
-            gdt,
+            gdelta,
             gA.sum(0).to(u.dtype),
             gB.sum(1),
             gC.sum(1),
             gD.sum(0).to(u.dtype),
+            gz,
+            gbias,
             gh0,
+            None,
         )
 
 
@@ -336,26 +345,28 @@ def _selective_scan_compiled(
             f"impl='compiled' takes at most {_MAX_STATE} states, got {A.shape[1]}: "
             "use impl='torch'"
         )
-    # Bias, softplus and gate stay in PyTorch (cheap elementwise passes with autograd); the
-    # kernel does the recurrence and the skip.
-    dt = delta if delta_bias is None else delta + delta_bias[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
     if D is None:
         D = u.new_zeros(u.shape[1])
     if initial_state is not None:
         initial_state = _start_state(u, A, initial_state).contiguous()
+
+    def prepare(t):
+        return None if t is None else t.to(u.dtype).contiguous()
+
+    # The kernel does everything: bias, softplus, recurrence, skip and gate (in PyTorch the
+    # elementwise passes took 40 % as long as the recurrence).
     y, last_state = _CompiledScan.apply(
         u.contiguous(),
-        dt.to(u.dtype).contiguous(),
-        A.to(u.dtype).contiguous(),
-        B.to(u.dtype).transpose(1, 2).contiguous(),
-        C.to(u.dtype).transpose(1, 2).contiguous(),
-        D.to(u.dtype).contiguous(),
+        prepare(delta),
+        prepare(A),
+        prepare(B.transpose(1, 2)),
+        prepare(C.transpose(1, 2)),
+        prepare(D),
+        prepare(z),
+        prepare(delta_bias),
         initial_state,
+        delta_softplus,
     )
-    if z is not None:
-        y = y * F.silu(z)
     return (y, last_state) if return_last_state else y
 
 

@@ -82,12 +82,11 @@ struct ExpConstants<double> {
                           ln2_lo = 1.9082149292705877e-10;
 };
 
-// expm1(x) = 2^k expm1(r) + (2^k - 1), x = k ln2 + r: keeps the relative precision of T for
-// small |x| and its absolute precision near -1. Plain arithmetic, so that it vectorises.
+// x = k ln2 + r: *scale = 2^k and *em1 = expm1(r). Plain arithmetic, so that it vectorises.
 // kClamp: first clamp x to [lo, hi]; without it x must lie there already (the callers check,
 // since the clamp costs a quarter of the time: g++ turns it into compares and blends).
 template <typename T, bool kClamp>
-inline T expm1_simd(T x) {
+inline void exp_parts(T x, T* scale, T* em1) {
   using E = ExpConstants<T>;
   if constexpr (kClamp) {
     // ternaries on values, not std::min / std::max (which return references and end up as
@@ -97,9 +96,61 @@ inline T expm1_simd(T x) {
   }
   const T k = (x * E::log2e + E::round) - E::round;
   const T r = (x - k * E::ln2_hi) - k * E::ln2_lo;
-  const T em1 = r + r * r * expm1_core_q(r);
-  const T scale = pow2(k);
+  *em1 = r + r * r * expm1_core_q(r);
+  *scale = pow2(k);
+}
+
+// expm1(x) = 2^k expm1(r) + (2^k - 1): keeps the relative precision of T for small |x| and
+// its absolute precision near -1.
+template <typename T, bool kClamp>
+inline T expm1_simd(T x) {
+  T scale, em1;
+  exp_parts<T, kClamp>(x, &scale, &em1);
   return scale * em1 + (scale - T(1));
+}
+
+// exp(x) = 2^k expm1(r) + 2^k, with T's relative precision everywhere (clamped).
+template <typename T>
+inline T exp_simd(T x) {
+  T scale, em1;
+  exp_parts<T, true>(x, &scale, &em1);
+  return scale * em1 + scale;
+}
+
+// log(1 + e) for 0 <= e <= 1, as 2 atanh(s), s = e / (2 + e) <= 1/3: the odd series to s^15
+// in float (relative error < 1e-8) and to s^35 in double (< 1e-17), accurate for tiny e too,
+// where log(1 + e) would round 1 + e.
+template <typename T>
+inline T log1p_unit(T e) {
+  constexpr int kTerms = sizeof(T) == sizeof(float) ? 7 : 17;
+  const T s = e / (T(2) + e), s2 = s * s;
+  T p = T(1) / (2 * kTerms + 1);
+  for (int i = kTerms - 1; i >= 1; --i) p = p * s2 + T(1) / (2 * i + 1);
+  return T(2) * (s + s * s2 * p);
+}
+
+// softplus(x) = max(x, 0) + log(1 + exp(-|x|)), as torch.nn.functional.softplus (whose
+// threshold 20 changes it by < 2e-9 relative). Its derivative sigmoid(x) is -expm1(-softplus).
+template <typename T>
+inline T softplus_simd(T x) {
+  const T ax = x < T(0) ? -x : x;
+  return (x > T(0) ? x : T(0)) + log1p_unit(exp_simd(-ax));
+}
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + exp_simd(-x));
+}
+
+// silu(z) and its derivative sigmoid(z) (1 + z (1 - sigmoid(z)))
+template <typename T>
+inline T silu(T z) {
+  return z * sigmoid(z);
+}
+template <typename T>
+inline T silu_grad(T z) {
+  const T sg = sigmoid(z);
+  return sg * (T(1) + z * (T(1) - sg));
 }
 
 // Whether every x in [x0, x1] (in either order) can skip expm1_simd's clamp.
@@ -136,14 +187,30 @@ void parallel_for(int64_t n_tasks, int n_threads, F fn) {
   for (int64_t i = 0; i < n_tasks; ++i) fn(i);
 }
 
+// The scan's inputs. dt_t = softplus(delta_t + bias) if softplus else delta_t + bias; the
+// output is (C . h_t + D u_t) * silu(z_t), without the factor when z is null.
 template <typename T>
 struct Scan {
-  const T *u, *dt, *A, *B, *C, *D;  // [b,d,L] [b,d,L] [d,N] [b,L,N] [b,L,N] [d]
-  const T* h0;                      // [b,d,N] initial state, or null for zeros
-  int64_t nb, nd, L, N, K;          // batch, channels, length, states, block length
-  int64_t G;                        // channel groups per batch item (tasks = nb * G)
+  const T *u, *delta, *A, *B, *C, *D;  // [b,d,L] [b,d,L] [d,N] [b,L,N] [b,L,N] [d]
+  const T *bias, *z;                   // [d] and [b,d,L], or null
+  const T* h0;                         // [b,d,N] initial state, or null for zeros
+  int64_t nb, nd, L, N, K;             // batch, channels, length, states, block length
+  int64_t G;                           // channel groups per batch item (tasks = nb * G)
+  int softplus;
   int64_t n_blocks() const { return (L + K - 1) / K; }
   int64_t d_begin(int64_t g) const { return g * nd / G; }
+  // dt[j] for the steps [t0, t1) of row bd (= b * nd + d)
+  void step_sizes(int64_t bd, int64_t t0, int64_t t1, T* __restrict dt) const {
+    const T* __restrict x = delta + bd * L;
+    const T b = bias != nullptr ? bias[bd % nd] : T(0);
+    if (softplus) {
+#pragma omp simd
+      for (int64_t t = t0; t < t1; ++t) dt[t - t0] = softplus_simd(x[t] + b);
+    } else {
+#pragma omp simd
+      for (int64_t t = t0; t < t1; ++t) dt[t - t0] = x[t] + b;
+    }
+  }
 };
 
 // One step of one channel: h += expm1(dt A) h + dt u B; returns C . h. m gets expm1(dt A)
@@ -191,6 +258,8 @@ void forward_task(const Scan<T>& s, int64_t b, int64_t d0, int64_t d1, T* out, T
                 states.begin() + (d - d0) * N);
   const T* __restrict B = s.B + b * L * N;
   const T* __restrict C = s.C + b * L * N;
+  std::vector<T> dtbuf(K);
+  T* __restrict dt = dtbuf.data();
   for (int64_t c = 0; c < nblk; ++c) {
     const int64_t t0 = c * K, t1 = std::min(L, t0 + K);
     for (int64_t d = d0; d < d1; ++d) {
@@ -200,14 +269,20 @@ void forward_task(const Scan<T>& s, int64_t b, int64_t d0, int64_t d1, T* out, T
       if (hs != nullptr) std::copy(h, h + N, hs + (bd * nblk + c) * N);
       const T* __restrict a = s.A + d * N;
       const T* __restrict u = s.u + bd * L;
-      const T* __restrict dt = s.dt + bd * L;
       const T Dv = s.D[d];
       T* __restrict o = out + bd * L;
       T a_lo, a_hi;
       a_range(a, N, &a_lo, &a_hi);
+      s.step_sizes(bd, t0, t1, dt);
       for (int64_t t = t0; t < t1; ++t) {
-        const T y = step<T, NS>(N, a, a_lo, a_hi, dt[t], dt[t] * u[t], B + t * N, C + t * N, h, m);
+        const T dtv = dt[t - t0];
+        const T y = step<T, NS>(N, a, a_lo, a_hi, dtv, dtv * u[t], B + t * N, C + t * N, h, m);
         o[t] = y + Dv * u[t];
+      }
+      if (s.z != nullptr) {
+        const T* __restrict z = s.z + bd * L;
+#pragma omp simd
+        for (int64_t t = t0; t < t1; ++t) o[t] *= silu(z[t]);
       }
       std::copy(h, h + N, states.begin() + (d - d0) * N);
     }
@@ -220,43 +295,68 @@ void forward_task(const Scan<T>& s, int64_t b, int64_t d0, int64_t d1, T* out, T
 // Gradients a task accumulates. gB, gC: this task's own [L, N] partial sums over its channels.
 template <typename T>
 struct Grads {
-  const T* gout;   // [b,d,L]
-  const T* glast;  // [b,d,N] gradient of the last state, or null
-  T *gu, *gdt;     // [b,d,L]
+  const T* gout;    // [b,d,L]
+  const T* glast;   // [b,d,N] gradient of the last state, or null
+  T *gu, *gdelta;   // [b,d,L] (the bias's gradient is gdelta summed by the caller)
+  T* gz;            // [b,d,L] when the scan has z
   double *gA, *gD;  // [b,d,N] [b,d]: per batch item, summed over it by the caller
-  T *gB, *gC;      // [b,G,L,N]
-  T* gh0;          // [b,d,N] gradient of the initial state, or null
+  T *gB, *gC;       // [b,G,L,N]
+  T* gh0;           // [b,d,N] gradient of the initial state, or null
 };
 
 // Backward of one channel over one block [t0, t1): recomputes the block's states from its
 // stored first state, then runs the adjoint back through it. gh: the state's adjoint (in: at
 // the block's end; out: at its start); gA_block: this block's dA sums, added to.
+// Per-block scratch of backward_block: states and expm1(dt A) [K, N]; dt and the gradient of
+// the ungated output [K].
+template <typename T>
+struct BlockWork {
+  std::vector<T> h, m, dt, gy;
+  BlockWork(int64_t K, int64_t N) : h(K * N), m(K * N), dt(K), gy(K) {}
+};
+
 template <typename T, int NS>
 void backward_block(const Scan<T>& s, const Grads<T>& g, int64_t bd, int64_t t0, int64_t t1,
                     const T* hstart, T* __restrict gh, T* __restrict gA_block, double* gDsum,
-                    T* __restrict hbuf, T* __restrict mbuf, T* __restrict gB,
-                    T* __restrict gC) {
+                    BlockWork<T>& w, T* __restrict gB, T* __restrict gC) {
   const int64_t N = NS > 0 ? NS : s.N, L = s.L, b = bd / s.nd, d = bd % s.nd;
   const T* __restrict a = s.A + d * N;
   const T* __restrict u = s.u + bd * L;
-  const T* __restrict dt = s.dt + bd * L;
   const T* __restrict go = g.gout + bd * L;
   const T* __restrict B = s.B + b * L * N;
   const T* __restrict C = s.C + b * L * N;
+  T* __restrict hbuf = w.h.data();
+  T* __restrict mbuf = w.m.data();
+  T* __restrict dt = w.dt.data();
+  T* __restrict gys = w.gy.data();
   const T Dv = s.D[d];
   alignas(64) T h[kMaxN];
   std::copy(hstart, hstart + N, h);
   T a_lo, a_hi;
   a_range(a, N, &a_lo, &a_hi);
+  s.step_sizes(bd, t0, t1, dt);
   for (int64_t t = t0; t < t1; ++t) {
-    step<T, NS>(N, a, a_lo, a_hi, dt[t], dt[t] * u[t], B + t * N, C + t * N, h,
-                mbuf + (t - t0) * N);
-    std::copy(h, h + N, hbuf + (t - t0) * N);
+    const int64_t j = t - t0;
+    const T y = step<T, NS>(N, a, a_lo, a_hi, dt[j], dt[j] * u[t], B + t * N, C + t * N, h,
+                            mbuf + j * N);
+    std::copy(h, h + N, hbuf + j * N);
+    gys[j] = y + Dv * u[t];  // the ungated output, until the gate's gradients are out
+  }
+  if (s.z != nullptr) {
+    const T* __restrict z = s.z + bd * L;
+    T* __restrict gz = g.gz + bd * L;
+#pragma omp simd
+    for (int64_t t = t0; t < t1; ++t) {
+      gz[t] = go[t] * gys[t - t0] * silu_grad(z[t]);
+      gys[t - t0] = go[t] * silu(z[t]);
+    }
+  } else {
+    std::copy(go + t0, go + t1, gys);
   }
   double gD = 0.0;
   for (int64_t t = t1 - 1; t >= t0; --t) {
     const int64_t j = t - t0;
-    const T gy = go[t], uv = u[t], dtv = dt[t], x = dtv * uv;
+    const T gy = gys[j], uv = u[t], dtv = dt[j], x = dtv * uv;
     const T* __restrict hprev = j > 0 ? hbuf + (j - 1) * N : hstart;
     const T* __restrict hj = hbuf + j * N;
     const T* __restrict mj = mbuf + j * N;
@@ -280,7 +380,12 @@ void backward_block(const Scan<T>& s, const Grads<T>& g, int64_t bd, int64_t t0,
     }
     const T sA = sum_states<T, NS>(pA, N), sB = sum_states<T, NS>(pB, N);
     g.gu[bd * L + t] = gy * Dv + dtv * sB;
-    g.gdt[bd * L + t] = sA + uv * sB;
+    g.gdelta[bd * L + t] = sA + uv * sB;  // d loss / d dt, until the softplus below
+  }
+  if (s.softplus) {
+    T* __restrict gdelta = g.gdelta + bd * L;
+#pragma omp simd
+    for (int64_t t = t0; t < t1; ++t) gdelta[t] *= -expm1_simd<T, true>(-dt[t - t0]);
   }
   *gDsum += gD;
 }
@@ -291,7 +396,8 @@ void backward_task(const Scan<T>& s, const Grads<T>& g, int64_t task, const T* h
   const int64_t N = NS > 0 ? NS : s.N, L = s.L, K = s.K, nblk = s.n_blocks();
   const int64_t b = task / s.G, grp = task % s.G;
   const int64_t d0 = s.d_begin(grp), d1 = s.d_begin(grp + 1), nch = d1 - d0;
-  std::vector<T> gh(nch * N, T(0)), work(2 * K * N), gA_block(N);
+  std::vector<T> gh(nch * N, T(0)), gA_block(N);
+  BlockWork<T> work(K, N);
   std::vector<double> gA(nch * N, 0.0), gD(nch, 0.0);
   if (g.glast != nullptr)
     for (int64_t d = d0; d < d1; ++d)
@@ -307,8 +413,7 @@ void backward_task(const Scan<T>& s, const Grads<T>& g, int64_t task, const T* h
       const int64_t bd = b * s.nd + d;
       std::fill(gA_block.begin(), gA_block.end(), T(0));
       backward_block<T, NS>(s, g, bd, t0, t1, hs + (bd * nblk + c) * N, &gh[(d - d0) * N],
-                            gA_block.data(), &gD[d - d0], work.data(), work.data() + K * N,
-                            gB + t0 * N, gC + t0 * N);
+                            gA_block.data(), &gD[d - d0], work, gB + t0 * N, gC + t0 * N);
       for (int64_t n = 0; n < N; ++n) gA[(d - d0) * N + n] += gA_block[n];
     }
   }
@@ -344,11 +449,6 @@ void backward(const Scan<T>& s, const Grads<T>& g, const T* hs, int n_threads) {
 
 // Causal depthwise conv (kernel K, left zero padding K-1) followed by SiLU, one task per row
 // of [b, d, L], in T; the backward recomputes the pre-activation instead of storing it.
-template <typename T>
-inline T sigmoid(T x) {
-  return T(1) / (T(2) + expm1_simd<T, true>(-x));
-}
-
 template <typename T>
 void conv_pre(const T* x, const T* w, T bias, int64_t L, int64_t K, T* __restrict xp,
               T* __restrict pre) {
@@ -417,20 +517,21 @@ void conv_silu_backward(const T* x, const T* w, const T* bias, const T* gout, in
 }  // namespace
 
 #define SCAN_API(T, SUFFIX)                                                                  \
-  extern "C" void scan_fwd_##SUFFIX(const T* u, const T* dt, const T* A, const T* B,       \
-                                     const T* C, const T* D, const T* h0, int64_t nb,       \
-                                     int64_t nd, int64_t L, int64_t N, int64_t K, int64_t G, \
-                                     T* out, T* hs, T* last, int n_threads) {               \
-    forward(Scan<T>{u, dt, A, B, C, D, h0, nb, nd, L, N, K, G}, out, hs, last, n_threads);  \
+  extern "C" void scan_fwd_##SUFFIX(const T* u, const T* delta, const T* A, const T* B,    \
+                                     const T* C, const T* D, const T* bias, const T* z,     \
+                                     const T* h0, int64_t nb, int64_t nd, int64_t L,        \
+                                     int64_t N, int64_t K, int64_t G, int softplus, T* out, \
+                                     T* hs, T* last, int n_threads) {                       \
+    forward(Scan<T>{u, delta, A, B, C, D, bias, z, h0, nb, nd, L, N, K, G, softplus}, out,  \
+            hs, last, n_threads);                                                           \
   }                                                                                         \
-  extern "C" void scan_bwd_##SUFFIX(const T* u, const T* dt, const T* A, const T* B,       \
-                                     const T* C, const T* D, int64_t nb, int64_t nd,        \
-                                     int64_t L, int64_t N, int64_t K, int64_t G,            \
-                                     const T* hs, const T* gout, const T* glast, T* gu,     \
-                                     T* gdt, double* gA, double* gD, T* gB, T* gC, T* gh0,  \
-                                     int n_threads) {                                       \
-    backward(Scan<T>{u, dt, A, B, C, D, nullptr, nb, nd, L, N, K, G},                       \
-             Grads<T>{gout, glast, gu, gdt, gA, gD, gB, gC, gh0}, hs, n_threads);           \
+  extern "C" void scan_bwd_##SUFFIX(                                                        \
+      const T* u, const T* delta, const T* A, const T* B, const T* C, const T* D,           \
+      const T* bias, const T* z, int64_t nb, int64_t nd, int64_t L, int64_t N, int64_t K,   \
+      int64_t G, int softplus, const T* hs, const T* gout, const T* glast, T* gu,           \
+      T* gdelta, T* gz, double* gA, double* gD, T* gB, T* gC, T* gh0, int n_threads) {      \
+    backward(Scan<T>{u, delta, A, B, C, D, bias, z, nullptr, nb, nd, L, N, K, G, softplus}, \
+             Grads<T>{gout, glast, gu, gdelta, gz, gA, gD, gB, gC, gh0}, hs, n_threads);    \
   }
 
 #define CONV_API(T, SUFFIX)                                                                  \

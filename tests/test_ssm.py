@@ -127,10 +127,15 @@ def test_compiled_gradcheck(monkeypatch):
         inputs["B"].transpose(1, 2).contiguous(),
         inputs["C"].transpose(1, 2).contiguous(),
         inputs["D"],
+        inputs["z"],
+        inputs["delta_bias"],
         torch.randn(2, 3, 16, generator=g, dtype=torch.float64),
     )
     args = [a.requires_grad_(True) for a in args]
-    assert torch.autograd.gradcheck(ssm._CompiledScan.apply, args)
+    for softplus in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda *a: ssm._CompiledScan.apply(*a, softplus), args
+        )
 
 
 @pytest.mark.parametrize("impl", ["ref", "torch", "compiled"])
