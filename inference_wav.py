@@ -251,6 +251,7 @@ class SuperResolver:
         cfg: the Config it was built from (cfg.audio.peak is the normalisation target).
         device: where the generator runs.
         block_seconds: input per generator pass (None: BLOCK_SECONDS); memory grows with it.
+            Finite and at least MIN_BLOCK_SECONDS.
     """
 
     def __init__(
