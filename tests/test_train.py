@@ -178,6 +178,32 @@ def test_train_step_updates_both_discriminators(data):
     assert "fm" not in logs  # loss.lambda_fm is 0 in cfgs.json
 
 
+def test_fused_adamw_takes_the_unfused_steps(data, tiny_discriminators):
+    # the optimisers' fused=True is a speed setting: three steps on one batch give the losses
+    # and parameters of PyTorch's plain AdamW loop with the same settings (to rounding, which
+    # the tiny generator's large, clipped gradients amplify in their norm: 1e-4 after three
+    # steps, while the losses agree to 1e-6)
+    cfg = utils.load_config("cfgs.json", TINY + data)
+    fused, plain = train.build(cfg), train.build(cfg)
+    for optim in ("optim_g", "optim_d"):
+        assert all(g["fused"] for g in getattr(fused, optim).param_groups)
+        for group in getattr(plain, optim).param_groups:
+            group["fused"] = False
+    batch = _batch(fused)
+    for _ in range(3):
+        logs_fused = train.train_step(fused, batch)
+        logs_plain = train.train_step(plain, batch)
+        assert logs_fused.keys() == logs_plain.keys()
+        for key in logs_plain:
+            rel = 1e-3 if key.startswith("grad_norm") else 1e-5
+            assert logs_fused[key] == pytest.approx(logs_plain[key], rel=rel), key
+    for name in ("generator", "mpd", "msd"):
+        for (key, p_fused), p_plain in zip(
+            getattr(fused, name).named_parameters(), getattr(plain, name).parameters()
+        ):
+            torch.testing.assert_close(p_fused, p_plain, rtol=1e-5, atol=1e-7, msg=key)
+
+
 def test_generator_warmup_leaves_discriminators_alone_and_lowers_the_loss(
     data, tiny_discriminators
 ):

@@ -1,0 +1,157 @@
+"""Where a GAN training step's time goes on CPU: train.py's train_step, piece by piece.
+
+Run from the repo root: `python -m bench.bench_train` (a few minutes). Builds the run with
+train.build (cfgs.json, batch 4 x 25,600 samples by default) and times, on one fixed batch:
+the whole train_step, then each piece it is made of, run alone on the same tensors: the
+generator's forward and backward, each loss, each discriminator's forward and backward (with
+frozen weights as in the generator update, and with weight gradients as in the discriminator
+update), gradient clipping with each optimiser step. Each time is the median of --runs after a
+warm-up. The conv FLOPs of each discriminator (counted from its layers' shapes; a backward is
+counted as twice its forward) and the measured float32 matrix-product rate say how close the
+discriminators run to what the CPU can do. Prints Markdown tables; no asserts.
+"""
+
+import argparse
+import datetime
+import itertools
+import os
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import train
+from bench.bench_model import cpu_name, matmul_gflops
+from losses import discriminator_adv_loss, generator_adv_loss
+from utils import load_config
+
+
+def median_s(fn, runs: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def conv_gflop(module: nn.Module, *inputs) -> float:
+    """Forward FLOPs of every Conv1d / Conv2d in module for these inputs, in GFLOP."""
+    total = [0]
+
+    def count(conv, args, out):
+        per_output = conv.in_channels // conv.groups * conv.weight[0, 0].numel()
+        total[0] += 2 * out.numel() * per_output
+
+    convs = [m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+    hooks = [m.register_forward_hook(count) for m in convs]
+    with torch.no_grad():
+        module(*inputs)
+    for h in hooks:
+        h.remove()
+    return total[0] / 1e9
+
+
+def pieces(run, x, y, runs: int) -> list[tuple[str, float, float | None]]:
+    """(piece, seconds, GFLOP or None) for each part of train_step, run alone."""
+    loss_cfg = run.cfg.loss
+    rows = []
+    g = run.generator
+    rows.append(("generator forward", median_s(lambda: g(x), runs), None))
+
+    def g_fwd_bwd():
+        g.zero_grad(set_to_none=True)
+        g(x).sum().backward()
+
+    rows.append(
+        ("generator backward", median_s(g_fwd_bwd, runs) - rows[-1][1], None)
+    )
+    with torch.no_grad():
+        y_hat = g(x)
+    leaf = y_hat.clone().requires_grad_(True)
+    for name, loss, weight in (
+        ("mel loss", run.mel_loss, loss_cfg.lambda_mel),
+        ("MR-STFT loss", run.mrstft_loss, loss_cfg.lambda_mrstft),
+    ):
+        rows.append(
+            (
+                f"{name} forward + backward",
+                median_s(lambda: (weight * loss(leaf, y)).backward(), runs),
+                None,
+            )
+        )
+    for name, d in (("MPD", run.mpd), ("MSD", run.msd)):
+        fwd = conv_gflop(d, y, y_hat)  # real and fake: each call scores both
+        d.requires_grad_(False)
+        # the generator update: scores of y and y_hat, a gradient into y_hat only (as much
+        # work as the fake half of the forward)
+        t = median_s(lambda: generator_adv_loss(d(y, leaf)[1]).backward(), runs)
+        rows.append((f"{name}, generator update (frozen)", t, fwd + fwd / 2))
+        d.requires_grad_(True)
+        detached = y_hat.detach()
+
+        def d_update():
+            d.zero_grad(set_to_none=True)
+            real, fake, _, _ = d(y, detached)
+            discriminator_adv_loss(real, fake).backward()
+
+        rows.append((f"{name}, discriminator update", median_s(d_update, runs), 3 * fwd))
+    for name, params, optim, clip in (
+        ("generator", [g.parameters()], run.optim_g, run.cfg.train.grad_clip_g),
+        ("discriminators", [run.mpd.parameters(), run.msd.parameters()], run.optim_d,
+         run.cfg.train.grad_clip_d),
+    ):
+        params = list(itertools.chain(*params))
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-6
+
+        def clip_and_step():
+            nn.utils.clip_grad_norm_(params, clip)
+            optim.step()
+
+        rows.append((f"{name} clipping + AdamW step", median_s(clip_and_step, runs), None))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--segment", type=int, default=25600)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--impl", default="compiled", help="scan impl")
+    parser.add_argument("--threads", type=int, default=0, help="0: torch default")
+    a = parser.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    y = torch.randn(a.batch, 1, a.segment) * 0.1
+    x = y.clone()
+    cfg = load_config("cfgs.json", [f"train.batch_size={a.batch}"])
+    run = train.build(cfg, scan_impl=a.impl)
+    step = median_s(lambda: train.train_step(run, (x, y)), a.runs)
+    rate = matmul_gflops()
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(
+        f"## GAN training step on CPU ({cpu_name()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {datetime.datetime.now():%Y-%m-%d %H:%M}, "
+        f"load average {load})\n"
+    )
+    print(
+        f"Batch {a.batch} x {a.segment} samples, scan impl {a.impl}; float32 matrix "
+        f"product (1024^3 torch.mm) {rate:.0f} GFLOP/s.\n"
+    )
+    rows = pieces(run, x, y, a.runs)
+    print("| piece | s | share of the step | conv GFLOP | GFLOP/s |")
+    print("|---|---|---|---|---|")
+    print(f"| train_step (measured whole) | {step:.2f} | 100 % | | |")
+    for name, t, gflop in rows:
+        flops = f"{gflop:.0f} | {gflop / t:.0f}" if gflop else " | "
+        print(f"| {name} | {t:.2f} | {100 * t / step:.0f} % | {flops} |")
+    total = sum(t for _, t, _ in rows)
+    print(f"| sum of the pieces | {total:.2f} | {100 * total / step:.0f} % | | |")
+
+
+if __name__ == "__main__":
+    main()
