@@ -5,14 +5,19 @@ For one second of 48 kHz audio the generator's Mamba blocks see d_inner 64 @ 24,
 128 @ 12,000, 256 @ 6,000, 512 @ 3,000 and (decoder's last stage) 32 @ 48,000; batch 1,
 float32. The error column is the largest norm-wise relative error ||a - b|| / ||b|| over the
 output and every gradient against `selective_scan_ref` in float64. "CPU ms" is process CPU
-time summed over threads, less disturbed than wall-clock time on a shared machine. Prints a
-Markdown table; no asserts.
+time summed over threads, less disturbed than wall-clock time on a shared machine.
+`--baseline REV` adds the compiled kernel of an older commit (its ssm.py and ssm_kernel.cpp,
+taken with git) beside today's, in the same run. Prints a Markdown table; no asserts.
 """
 
 import argparse
 import datetime
+import importlib.util
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -39,10 +44,30 @@ def make_inputs(d_inner, length, seed=0):
     ]
 
 
-def run(inputs, impl, backward):
+def load_baseline(rev):
+    """ssm.py of git revision rev, as a module of its own (its kernel built in a temp folder)."""
+    folder = tempfile.mkdtemp(prefix="ssm_baseline_")
+    for name in ("ssm.py", "ssm_kernel.cpp"):
+        shown = subprocess.run(
+            ["git", "show", f"{rev}:{name}"], capture_output=True, text=True
+        )
+        if shown.returncode == 0:
+            with open(os.path.join(folder, name), "w") as f:
+                f.write(shown.stdout)
+        elif name == "ssm.py":
+            sys.exit(f"git show {rev}:ssm.py failed: {shown.stderr.strip()}")
+    spec = importlib.util.spec_from_file_location(
+        "ssm_baseline", os.path.join(folder, "ssm.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(inputs, impl, backward, module=ssm):
     """Output and (if backward) the gradients of every input for a fixed output gradient."""
     xs = [x.detach().requires_grad_(backward) for x in inputs]
-    y = ssm.selective_scan(*xs[:7], delta_bias=xs[7], delta_softplus=True, impl=impl)
+    y = module.selective_scan(*xs[:7], delta_bias=xs[7], delta_softplus=True, impl=impl)
     if not backward:
         return [y]
     gy = torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype).expand_as(y)
@@ -76,7 +101,11 @@ def main():
     parser.add_argument(
         "--no_error", action="store_true", help="skip the float64 reference"
     )
+    parser.add_argument(
+        "--baseline", metavar="REV", help="also time the compiled kernel of this commit"
+    )
     a = parser.parse_args()
+    baseline = load_baseline(a.baseline) if a.baseline else None
     print(
         f"device: cpu ({platform.processor() or platform.machine()}), torch {torch.__version__}"
     )
@@ -86,28 +115,42 @@ def main():
         f" load average: {load} (a shared machine: each time is the best of its runs)"
     )
     print()
+    vs = "torch" if baseline is None else f"torch / vs @{a.baseline}"
     print(
-        "| impl | d_inner | L | ms fwd | ms fwd+bwd | CPU ms fwd+bwd | speed-up fwd |"
-        " speed-up fwd+bwd | max rel err vs ref |"
+        "| impl | d_inner | L | ms fwd | ms fwd+bwd | CPU ms fwd+bwd |"
+        f" speed-up fwd ({vs}) | speed-up fwd+bwd ({vs}) | max rel err vs ref |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for i, (d_inner, length) in enumerate(SIZES):
         inputs64 = make_inputs(d_inner, length)
         inputs = [x.float() for x in inputs64]
         reference = None if a.no_error else run(inputs64, "ref", backward=True)
-        impls = ["torch", "compiled"] + (["ref"] if i == len(SIZES) - 1 else [])
+        # (label, impl, module) per row
+        rows = [("torch", "torch", ssm)]
+        if baseline is not None:
+            rows.append((f"compiled @{a.baseline}", "compiled", baseline))
+        rows.append(("compiled", "compiled", ssm))
+        if i == len(SIZES) - 1:
+            rows.append(("ref", "ref", ssm))
         times = {}
-        for impl in impls:
+        for label, impl, module in rows:
             repeats = 1 if impl != "compiled" else a.repeats
-            fwd, _ = best_ms(lambda: run(inputs, impl, backward=False), repeats)
-            both, both_cpu = best_ms(lambda: run(inputs, impl, backward=True), repeats)
-            times[impl] = (fwd, both)
+            fwd, _ = best_ms(lambda: run(inputs, impl, False, module), repeats)
+            both, both_cpu = best_ms(lambda: run(inputs, impl, True, module), repeats)
+            times[label] = (fwd, both)
             err = "-"
             if reference is not None:
-                err = f"{max_rel_err(run(inputs, impl, True), reference):.1e}"
+                err = f"{max_rel_err(run(inputs, impl, True, module), reference):.1e}"
+            speedup = [f"{times['torch'][k] / t:.1f}x" for k, t in enumerate((fwd, both))]
+            if baseline is not None and label == "compiled":
+                old = times[f"compiled @{a.baseline}"]
+                speedup = [
+                    f"{text} / {old[k] / t:.1f}x"
+                    for k, (text, t) in enumerate(zip(speedup, (fwd, both)))
+                ]
             print(
-                f"| {impl} | {d_inner} | {length:,} | {fwd:.1f} | {both:.1f} | {both_cpu:.1f} |"
-                f" {times['torch'][0] / fwd:.1f}x | {times['torch'][1] / both:.1f}x | {err} |",
+                f"| {label} | {d_inner} | {length:,} | {fwd:.1f} | {both:.1f} | {both_cpu:.1f} |"
+                f" {speedup[0]} | {speedup[1]} | {err} |",
                 flush=True,
             )
 
