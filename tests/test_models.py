@@ -21,14 +21,7 @@ CFG_PATH = Path(__file__).resolve().parent.parent / "cfgs.json"
 TINY = ["model.channels=[4,8,8,8]"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These small ops are dominated by thread wake-ups; on a shared, busy CPU two OpenMP
-    # threads made the tiny forwards 10-100x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(module):

@@ -66,13 +66,7 @@ class CountingResolver(SuperResolver):
         )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model is all overhead: extra threads only fight over the shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

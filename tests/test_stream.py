@@ -27,13 +27,7 @@ from models import ConvUnit, ResBlock
 from test_inference import ROOT, TINY, tiny_generator
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # small tensors: a second thread only adds wake-ups on a shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_split(length: int, rng, sizes=None) -> list[int]:

@@ -93,13 +93,7 @@ def use_tiny_discriminators(module) -> None:
     module.MultiScaleDiscriminator = lambda: TinyDiscriminator(spectral_norm)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Several test processes share two cores; more threads only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
