@@ -689,6 +689,7 @@ class Mamba(nn.Module):
         x_dbl = _project(self.x_proj.weight, u)  # [B, dt_rank + 2N, L]
         dt, Bm, Cm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = _project(self.dt_proj.weight, dt)  # [B, d_inner, L]
+        resumed = state is not None and state[1] is not None
         y = selective_scan(
             u,
             delta,
@@ -699,8 +700,9 @@ class Mamba(nn.Module):
             z=z,
             delta_bias=self.dt_proj.bias,
             delta_softplus=True,
-            impl=impl,
-            initial_state=None if state is None else state[1],
+            # mamba_ssm's scan takes no initial state: a stream goes on with the PyTorch loop
+            impl="torch" if resumed and impl == "cuda" else impl,
+            initial_state=state[1] if resumed else None,
             return_last_state=state is not None,
         )  # [B, d_inner, L], or with the last scan state [B, d_inner, N]
         if state is None:
