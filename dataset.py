@@ -25,10 +25,30 @@ import soundfile as sf
 import soxr
 import torch
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+import utils
+
+# What libsndfile reads, by file-name ending: how folders are searched for audio, for training,
+# evaluation and inference alike.
+AUDIO_EXTENSIONS = (
+    ".wav",
+    ".flac",
+    ".ogg",
+    ".oga",
+    ".opus",
+    ".mp3",
+    ".aif",
+    ".aiff",
+    ".aifc",
+    ".au",
+    ".caf",
+    ".w64",
+    ".rf64",
+)
 # soxr quality of `resample` and of inference's stream resampler (stream.py)
 RESAMPLE_QUALITY = "VHQ"
-PROTOCOLS = ("authors", "random", "nuwave2", "sinc", "stft")
+# The order matters: evaluate.py seeds each protocol's inputs by its index here, so a new
+# protocol goes at the end.
+PROTOCOLS = ("authors", "nuwave2", "sinc", "stft", "random")
 FILELISTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "filelists")
 VCTK_LAYOUTS = {
     "vctk080": ("wav48", re.compile(r"^(p\d{3}|s\d+)_\d{3}\.wav$")),
@@ -123,7 +143,7 @@ def resample(x: np.ndarray, sr_in: float, sr_out: float) -> np.ndarray:
 
 
 def to_48k_mono(path: str) -> np.ndarray:
-    """Loads a file, averages its channels and resamples it to 48 kHz.
+    """Loads a file, averages its channels and resamples it to 48 kHz (utils.SAMPLING_RATE).
 
     Args:
         path: audio file.
@@ -131,7 +151,7 @@ def to_48k_mono(path: str) -> np.ndarray:
         float32 [T] at 48 kHz.
     """
     x, sr = load_audio(path)
-    return resample(x.mean(axis=0), sr, 48000)
+    return resample(x.mean(axis=0), sr, utils.SAMPLING_RATE)
 
 
 def _fit_length(z: np.ndarray, length: int) -> np.ndarray:
@@ -188,7 +208,7 @@ def simulate_lowres(
     sr_low: float,
     protocol: str,
     rng: np.random.Generator | None = None,
-    sr: int = 48000,
+    sr: int = utils.SAMPLING_RATE,
 ) -> np.ndarray:
     """Makes the low-resolution input: content above sr_low / 2 removed, back at rate sr.
 
@@ -264,8 +284,8 @@ def list_audio_files(root: str, spec: str) -> list[str]:
         root: corpus root folder.
         spec: either a .txt file list (one path relative to root per line; blank lines and
             lines starting with "#" are skipped; the .txt itself is looked up as given, then
-            under root) or a folder relative to root, searched recursively for .wav, .flac and
-            .ogg files (sorted).
+            under root) or a folder relative to root, searched recursively for files ending
+            in one of AUDIO_EXTENSIONS (sorted).
     Returns:
         List of paths. Raises ValueError when the spec is missing, lists missing files, or
         yields no file.
@@ -316,13 +336,34 @@ class _AudioCache:
         return y
 
 
-def _peak_normalise(y: np.ndarray, peak: float, path: str) -> np.ndarray:
-    top = np.max(np.abs(y))
-    if top == 0:
+def peak_gains(levels, peak: float, name: str = "audio") -> np.ndarray:
+    """The gains that bring each channel's peak to `peak`: the one level rule of training,
+    validation, evaluation and inference.
+
+    Silence: a clip with no sound in any channel has no level to bring anywhere and is an error;
+    a silent channel beside others that have sound gets gain 1 (inference then writes it as
+    silence).
+
+    Args:
+        levels: each channel's largest absolute sample, a number or [channels].
+        peak: target peak level (cfg.audio.peak, as in training).
+        name: what the clip is (a file name), for the error.
+    Returns:
+        float64 [channels] (or a 0-d array for a number).
+    Raises:
+        ValueError naming `name` when every level is 0.
+    """
+    levels = np.asarray(levels, dtype=np.float64)
+    if not np.any(levels > 0):
         raise ValueError(
-            f"{path}: silent clip (all samples zero), cannot peak-normalise"
+            f"{name}: silent clip (all samples zero), cannot peak-normalise"
         )
-    return y * (peak / top)
+    return np.where(levels > 0, peak / np.where(levels > 0, levels, 1.0), 1.0)
+
+
+def _peak_normalise(y: np.ndarray, peak: float, path: str) -> np.ndarray:
+    # the gain in y's dtype, so that float32 audio stays float32
+    return y * peak_gains(np.max(np.abs(y)), peak, path).astype(y.dtype)
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -402,16 +443,17 @@ class ValidDataset(torch.utils.data.Dataset):
     """Whole utterances, one item per (file, ratio in cfg.data.valid_ratios), deterministic.
 
     The target is peak-normalised like training data; the input is made with the "authors"
-    protocol; both are zero-padded at the end to a multiple of 16 samples (the generator's
-    stride).
+    protocol; both are zero-padded at the end to a multiple of cfg.model.hop samples (what the
+    generator takes).
 
     Args:
         files: audio paths.
-        cfg: the whole Config (reads audio.sampling_rate, audio.peak, data.valid_ratios).
+        cfg: the whole Config (reads audio.sampling_rate, audio.peak, data.valid_ratios and
+            the model's hop).
         cache_mb: per-process budget for decoded audio kept in memory.
     Items:
-        (x, y, ratio, name): x, y float32 tensors [1, T] with T % 16 == 0; ratio int; name the
-        file name without extension.
+        (x, y, ratio, name): x, y float32 tensors [1, T] with T % cfg.model.hop == 0; ratio
+        int; name the file name without extension.
     """
 
     def __init__(self, files, cfg, cache_mb: int = 512):
@@ -429,7 +471,8 @@ class ValidDataset(torch.utils.data.Dataset):
         sr = self.cfg.audio.sampling_rate
         y = _peak_normalise(self.cache.get(path), self.cfg.audio.peak, path)
         x = simulate_lowres(y, sr / ratio, "authors", sr=sr)
-        length = -(-len(y) // 16) * 16
+        hop = self.cfg.model.hop
+        length = -(-len(y) // hop) * hop
         x = _fit_length(x, length)
         y = _fit_length(y.astype(np.float32), length)
         name = os.path.splitext(os.path.basename(path))[0]
@@ -520,7 +563,7 @@ def main(argv=None):
     try:
         write_vctk_filelists(a.root, a.layout, a.split, a.out, a.allow_missing)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        utils.print_error(e)
         sys.exit(1)
 
 

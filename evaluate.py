@@ -27,9 +27,8 @@ import models
 import stream
 import utils
 
-SR = 48000
-PROTOCOLS = ("authors", "nuwave2", "sinc", "stft")
-ALL_PROTOCOLS = PROTOCOLS + ("random",)
+# The default: the protocols that published numbers use (all of dataset.PROTOCOLS but "random").
+PROTOCOLS = tuple(p for p in dataset.PROTOCOLS if p != "random")
 RATES_KHZ = (4, 8, 12, 16, 24)
 ALL_RATES_KHZ = (4, 6, 8, 12, 16, 24)
 # The level error of the generated band per octave above the input's Nyquist frequency (up to
@@ -61,20 +60,21 @@ def run_generator(generator, x: np.ndarray, peak: float) -> np.ndarray:
 
     Both run stream.StreamProcessor (here on the whole utterance at once), so what is scored
     is what users get: the input scaled to the training peak level (cfg.audio.peak), the
-    generator on it zero-padded to a multiple of its hop (16), the output trimmed and scaled
-    back, so scores are taken at the reference's own level.
+    generator on it zero-padded to a multiple of its hop, the output trimmed and scaled back,
+    so scores are taken at the reference's own level.
 
     Args:
         generator: a WaveUMamba in eval mode.
         x: low-resolution input at 48 kHz, float32 [T].
         peak: peak level the model was trained on.
     Returns:
-        y_hat, float32 [T].
+        y_hat, float32 [T]. Raises ValueError for a silent input (dataset.peak_gains).
     """
     # Deviation: the authors fed files at their own level; training sees peak-normalised audio,
     # so the model gets that level here and the output is scaled back for scoring.
-    gain = stream.peak_gains(np.abs(x).max(), peak)
-    return stream.process_whole(generator, x, SR, SR, gain)
+    gain = dataset.peak_gains(np.abs(x).max(), peak, "the low-resolution input")
+    sr = utils.SAMPLING_RATE
+    return stream.process_whole(generator, x, sr, sr, gain)
 
 
 def _stft(x: np.ndarray) -> torch.Tensor:
@@ -103,7 +103,8 @@ def oracle(x: np.ndarray, y: np.ndarray, cutoff_hz: float) -> np.ndarray:
         float32 [T].
     """
     spec_x, spec_y = _stft(x), _stft(y)
-    high = torch.arange(spec_x.shape[0]) * (SR / metrics.N_FFT) > cutoff_hz
+    bin_hz = utils.SAMPLING_RATE / metrics.N_FFT
+    high = torch.arange(spec_x.shape[0]) * bin_hz > cutoff_hz
     spec_x[high] = torch.polar(spec_y[high].abs(), spec_x[high].angle())
     window = torch.hann_window(metrics.N_FFT)
     out = torch.istft(
@@ -117,13 +118,13 @@ def score(y, y_hat, cutoff_hz: float | None, variant: str, diagnose: bool) -> di
     and, when diagnose is set, the spectral DIAGNOSTICS (else None; level errors need a cut-off).
     """
     out = dict.fromkeys(METRICS)
-    out.update(metrics.lsd(y, y_hat, SR, cutoff_hz, variant))
+    out.update(metrics.lsd(y, y_hat, cutoff_hz=cutoff_hz, variant=variant))
     out["snr"] = metrics.snr(y, y_hat)
     out["si_sdr"] = metrics.si_sdr(y, y_hat)
     if diagnose:
-        out.update(metrics.tone_excess(y, y_hat, SR))
+        out.update(metrics.tone_excess(y, y_hat))
         if cutoff_hz is not None:
-            levels = metrics.band_level_errors(y, y_hat, cutoff_hz, SR)
+            levels = metrics.band_level_errors(y, y_hat, cutoff_hz)
             out.update(zip(LEVEL_OCTAVES, levels))
     return out
 
@@ -158,8 +159,8 @@ def make_input(
         float32 [T] at 48 kHz.
     """
     # One stream per (protocol, rate, file), so a subset of the grid reproduces the full run.
-    rng = np.random.default_rng([seed, ALL_PROTOCOLS.index(protocol), rate_khz, index])
-    x = dataset.simulate_lowres(y, rate_khz * 1000, protocol, rng=rng, sr=SR)
+    rng = np.random.default_rng([seed, dataset.PROTOCOLS.index(protocol), rate_khz, index])
+    x = dataset.simulate_lowres(y, rate_khz * 1000, protocol, rng=rng)
     return np.asarray(x, dtype=np.float32)
 
 
@@ -379,8 +380,9 @@ def describe(settings: dict) -> str:
         step = settings["step"]
         lines.append(
             f"- model: {settings['checkpoint']} (step {step}), whole utterance in one pass, "
-            "weight norm removed, input zero-padded to a multiple of 16 and trimmed back, scaled "
-            f"to peak {settings['peak']} for the model and the output scaled back"
+            "weight norm removed, input zero-padded to a multiple of the model's hop and "
+            f"trimmed back, scaled to peak {settings['peak']} for the model and the output "
+            "scaled back"
         )
     elif settings["mode"] == "outputs":
         lines.append(
@@ -432,21 +434,15 @@ def write_results(
 
 
 def _save(fig, path: str) -> None:
-    import matplotlib.pyplot as plt
-
     with utils.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    utils.pyplot().close(fig)
 
 
 def spectrogram_plotter(plot_dir: str, per_condition: int = PLOTS_PER_CONDITION):
     """A plot callback for evaluate(): reference / input / outputs side by side, one shared
     colour scale (dB, 80 dB below the reference's peak), frequency in kHz."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = utils.pyplot()
     os.makedirs(plot_dir, exist_ok=True)
     counts = {}
 
@@ -457,8 +453,7 @@ def spectrogram_plotter(plot_dir: str, per_condition: int = PLOTS_PER_CONDITION)
             return
         order = [s for s in ("reference", "input", "model", "oracle") if s in signals]
         specs = {
-            s: 10 * torch.log10(_stft(signals[s]).abs().square().clamp(min=1e-10))
-            for s in order
+            s: utils.power_db(signals[s], metrics.N_FFT, metrics.HOP_SIZE) for s in order
         }
         vmax = float(specs["reference"].max())
         fig, axes = plt.subplots(
@@ -466,9 +461,9 @@ def spectrogram_plotter(plot_dir: str, per_condition: int = PLOTS_PER_CONDITION)
         )
         for ax, system in zip(axes[0], order):
             utils.plot_spectrogram(
-                specs[system].numpy(),
+                specs[system],
                 ax=ax,
-                sampling_rate=SR,
+                sampling_rate=utils.SAMPLING_RATE,
                 vmin=vmax - 80,
                 vmax=vmax,
             )
@@ -480,11 +475,7 @@ def spectrogram_plotter(plot_dir: str, per_condition: int = PLOTS_PER_CONDITION)
 
 def plot_bars(plot_dir: str, summary: list[dict]) -> None:
     """One bar chart per input rate: mean LSD of model and baselines for each protocol."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = utils.pyplot()
     os.makedirs(plot_dir, exist_ok=True)
     systems = [
         s
@@ -528,15 +519,15 @@ def _parse_rates(values) -> list[int]:
 
 def _parse_protocols(values) -> list[str]:
     for value in values:
-        if value not in ALL_PROTOCOLS:
+        if value not in dataset.PROTOCOLS:
             raise ValueError(
-                f"unknown protocol {value!r}, expected one of {list(ALL_PROTOCOLS)}"
+                f"unknown protocol {value!r}, expected one of {list(dataset.PROTOCOLS)}"
             )
     return list(values)
 
 
-def _fail(message: str):
-    print(f"evaluate.py: error: {message}", file=sys.stderr)
+def _fail(message):
+    utils.print_error(message, "evaluate.py")
     sys.exit(1)
 
 
@@ -578,12 +569,12 @@ def main(argv=None) -> str:
     try:
         report, rows = _run(a)
     except (ValueError, OSError) as e:
-        _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        _fail(str(e).strip().splitlines()[0] if str(e).strip() else e)
     print(report)
     errors = [row["error"] for row in rows if row.get("error")]
     if errors:
         for error in errors:
-            print(f"evaluate.py: error: {error}", file=sys.stderr)
+            utils.print_error(error, "evaluate.py")
         _fail(f"{len(errors)} output(s) could not be scored (the failed column)")
     return report
 

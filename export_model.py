@@ -8,7 +8,6 @@ when written to checkpoints/), which casts the weights back to float32 and check
 """
 
 import argparse
-import hashlib
 import os
 import sys
 
@@ -37,8 +36,7 @@ def export(checkpoint_file: str, output: str) -> str:
     }
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     utils.save_checkpoint(output, packed)
-    with open(output, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+    digest = utils.sha256_file(output)
     with utils.atomic_path(output + ".sha256") as tmp:
         with open(tmp, "w") as f:
             f.write(f"{digest}  {os.path.basename(output)}\n")
@@ -53,7 +51,7 @@ def main(argv=None) -> int:
     try:
         digest = export(args.checkpoint_file, args.output)
     except (ValueError, OSError) as e:
-        print(f"export_model.py: error: {e}", file=sys.stderr)
+        utils.print_error(e, "export_model.py")
         return 1
     print(f"{args.output}  sha256 {digest}")
     return 0

@@ -11,6 +11,8 @@ The mean over utterances is left to the caller.
 import numpy as np
 import torch
 
+from utils import SAMPLING_RATE
+
 N_FFT = 2048
 HOP_SIZE = 512
 VARIANTS = ("field", "authors")
@@ -48,7 +50,11 @@ def _log_power(x: torch.Tensor, variant: str) -> torch.Tensor:
 
 
 def lsd(
-    y, y_hat, sr: int = 48000, cutoff_hz: float | None = None, variant: str = "field"
+    y,
+    y_hat,
+    sr: int = SAMPLING_RATE,
+    cutoff_hz: float | None = None,
+    variant: str = "field",
 ) -> dict:
     """Log-spectral distance of one utterance (SPEC §7), computed in float32.
 
@@ -155,7 +161,9 @@ def _db(ratio: float) -> float:
     return float(10 * np.log10(max(ratio, 1e-30)))
 
 
-def band_level_errors(y, y_hat, cutoff_hz: float, sr: int = 48000) -> list[float]:
+def band_level_errors(
+    y, y_hat, cutoff_hz: float, sr: int = SAMPLING_RATE
+) -> list[float]:
     """Output over reference energy, in dB, per octave above cutoff_hz: (cutoff, 2 cutoff],
     (2 cutoff, 4 cutoff], ... Negative: too quiet. The last octave stops two bins below the
     Nyquist frequency, outside the Hann main lobe of a 24 kHz tone, which tone_excess covers."""
@@ -178,7 +186,7 @@ def _prominence_db(power: np.ndarray, k: int) -> float:
     return _db(power[k] / max(np.median(around), 1e-30))
 
 
-def tone_excess(y, y_hat, sr: int = 48000) -> dict:
+def tone_excess(y, y_hat, sr: int = SAMPLING_RATE) -> dict:
     """How far the output's long-term spectrum rises above its own neighbourhood, minus the same
     for the reference, in dB: at the Nyquist bin ("tone_nyquist_db") and the largest over the
     multiples of 3 kHz below it ("tone_3k_db"); near 0 for a clean output. Also the output's

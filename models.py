@@ -46,7 +46,9 @@ class ChannelLayerNorm(nn.LayerNorm):
         return torch.addcmul(self.bias[:, None], x, self.weight[:, None])  # [B, C, L]
 
 
-class MambaBlock(nn.Module):
+class MambaResidualBlock(nn.Module):
+    """x + Mamba(LayerNorm(x)): the residual block around ssm.Mamba (mamba.py's ResidualBlock)."""
+
     def __init__(self, channels, d_state, d_conv, expand, scan_impl):
         super().__init__()
         self.norm = nn.LayerNorm(channels)
@@ -64,7 +66,7 @@ class MambaStack(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(
             [
-                MambaBlock(channels, d_state, d_conv, expand, scan_impl)
+                MambaResidualBlock(channels, d_state, d_conv, expand, scan_impl)
                 for _ in range(n_blocks)
             ]
         )
@@ -244,7 +246,7 @@ class WaveUMamba(nn.Module):
             raise ValueError(
                 f"head and resblock kernels must be odd, got {head_kernel}, {resblock_kernel}"
             )
-        self.hop = 2 ** len(channels)
+        self.hop = utils.unet_hop(channels)
         mamba_args = (d_state, d_conv, expand, scan_impl)
         c_ins = (1,) + channels[:-1]
         self.downs = nn.ModuleList(

@@ -71,14 +71,8 @@ import dataset
 import metrics
 import stream
 import utils
-from inference_wav import (
-    FILE_ERRORS,
-    SAMPLING_RATE,
-    SuperResolver,
-    detect_bandwidth,
-    one_line,
-    write_audio,
-)
+from inference_wav import FILE_ERRORS, SuperResolver, detect_bandwidth, write_audio
+from utils import SAMPLING_RATE, one_line
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 # How often a request waiting for its result checks whether the client is still there.

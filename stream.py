@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dataset
+import utils
 from models import HEAD_LRELU_SLOPE, LRELU_SLOPE, ConvUnit, EncoderBlock, UpBlock
 
 # A stream cannot peak-normalise what it has not seen: by default it feeds the model the input
@@ -167,7 +168,7 @@ class MambaStackStream:
             return x
         h = x.transpose(1, 2)  # [B, n, C]
         for i, block in enumerate(self.blocks):
-            # MambaBlock.forward, with the state carried: x + mamba(norm(x))
+            # MambaResidualBlock.forward, with the state carried: x + mamba(norm(x))
             y, self.states[i] = block.mamba.forward_stream(block.norm(h), self.states[i])
             h = h + y
         return h.transpose(1, 2)  # [B, C, n]
@@ -269,19 +270,6 @@ class GeneratorStream:
         for skip_add, stages, skip in zip(self.skip_adds, self.ups, skips[::-1]):
             h = stages.step(skip_add.step(h, skip, final), final)
         return self.residual.step(x, self.head.step(h, final), final)  # [B, 1, m]
-
-
-def peak_gains(levels, peak: float) -> np.ndarray:
-    """The gains that bring each channel's peak to `peak` (1 for a silent channel).
-
-    Args:
-        levels: each channel's largest absolute sample, a number or [channels].
-        peak: target peak level (cfg.audio.peak, as in training).
-    Returns:
-        float64 [channels] (or a 0-d array for a number).
-    """
-    levels = np.asarray(levels, dtype=np.float64)
-    return np.where(levels > 0, peak / np.where(levels > 0, levels, 1.0), 1.0)
 
 
 def lowband_filter(cutoff_hz: float, sr: int) -> np.ndarray | None:
@@ -545,7 +533,7 @@ def main(argv=None) -> int:
         resolver = inference_wav.SuperResolver.from_pretrained(
             a.checkpoint_file, a.device, a.scan_impl, a.cfgs_path
         )
-        lowband_hz = min(a.input_sr, inference_wav.SAMPLING_RATE) / 2
+        lowband_hz = min(a.input_sr, utils.SAMPLING_RATE) / 2
         processor = resolver.stream(
             a.input_sr, a.gain, lowband_hz=lowband_hz if a.keep_lowband else None
         )
@@ -558,7 +546,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 130
     except inference_wav.FILE_ERRORS as e:
-        print(f"error: {inference_wav.one_line(e)}", file=sys.stderr)
+        utils.print_error(e)
         return 1
     return 0
 

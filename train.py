@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import stream
 import utils
-from dataset import TrainDataset, ValidDataset, list_audio_files
+from dataset import TrainDataset, ValidDataset, list_audio_files, peak_gains
 from losses import (
     MelLoss,
     MRSTFTLoss,
@@ -336,7 +336,7 @@ def validate(run: Run, writer: SummaryWriter | None = None, n_logged: int = 1):
     for x, y, ratio, name in run.valid_set:
         # Scored as users get it: inference_wav's stream processor on the whole utterance,
         # at the peak-normalising gain (the same code as evaluate.run_generator).
-        gain = stream.peak_gains(x.abs().max().item(), run.cfg.audio.peak)
+        gain = peak_gains(x.abs().max().item(), run.cfg.audio.peak, name)
         y_hat = torch.from_numpy(
             stream.process_whole(
                 run.generator, x[0].numpy(), sampling_rate, sampling_rate, gain
@@ -379,10 +379,8 @@ def _log_audio(run: Run, writer: SummaryWriter, tag: str, x, y, y_hat) -> None:
             f"validation/{tag}/{kind}", signal.clamp(-1, 1), run.step, sampling_rate
         )
         # A linear frequency axis, unlike the mel loss, shows where the input's band ends.
-        window = torch.hann_window(2048)
-        spec = torch.stft(signal, 2048, 512, window=window, return_complex=True)
-        image = torch.log10(spec.abs().square().clamp(min=1e-8)).numpy()
-        figure = utils.plot_spectrogram(image, sampling_rate=sampling_rate, vmin=-8)
+        image = utils.power_db(signal)
+        figure = utils.plot_spectrogram(image, sampling_rate=sampling_rate, vmin=-80)
         writer.add_figure(f"validation/{tag}/{kind}_spec", figure, run.step)
 
 
@@ -758,8 +756,7 @@ def main(argv=None) -> None:
         if args.init_generator and not resumed:
             init_step = init_generator(run, args.init_generator)
     except (ValueError, OSError) as e:
-        message = " ".join(str(e).split())
-        print(f"train.py: error: {message}", file=sys.stderr)
+        utils.print_error(e, "train.py")
         sys.exit(1)
     if rank == 0:
         if resumed and args.init_generator:

@@ -7,6 +7,7 @@ and known: a typo stops the run with its dotted name instead of silently creatin
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import pickle
 import random
 import re
 import socket
+import sys
 import tempfile
 import typing
 from dataclasses import dataclass
@@ -22,6 +24,9 @@ import numpy as np
 import torch
 
 
+# The model's one sampling rate in Hz: its input and output, and audio.sampling_rate (which may
+# only be this) all mean it.
+SAMPLING_RATE = 48000
 # Value rules for check_ranges: (test, what a value must be). Every value must also be finite.
 POSITIVE = (lambda v: v > 0, "positive")
 NON_NEGATIVE = (lambda v: v >= 0, "at least 0")
@@ -68,9 +73,9 @@ class DataConfig:
             )
         for name in ("ratios", "valid_ratios"):
             ratios = getattr(self, name)
-            if not ratios or any(r < 1 or 48000 % r for r in ratios):
+            if not ratios or any(r < 1 or SAMPLING_RATE % r for r in ratios):
                 raise ValueError(
-                    f"data.{name} must be divisors of 48000, not {list(ratios)}"
+                    f"data.{name} must be divisors of {SAMPLING_RATE}, not {list(ratios)}"
                 )
         check_ranges(
             "data", self, {"random_gain_db": NON_NEGATIVE, "num_workers": NON_NEGATIVE}
@@ -84,9 +89,9 @@ class AudioConfig:
     peak: float  # peak normalisation target
 
     def __post_init__(self):
-        if self.sampling_rate != 48000:
+        if self.sampling_rate != SAMPLING_RATE:
             raise ValueError(
-                f"audio.sampling_rate must be 48000, not {self.sampling_rate}"
+                f"audio.sampling_rate must be {SAMPLING_RATE}, not {self.sampling_rate}"
             )
         # Whole frames of the model's hop: checked by Config, which knows the model.
         check_ranges("audio", self, {"segment_size": POSITIVE, "peak": FRACTION})
@@ -144,8 +149,17 @@ class ModelConfig:
 
     @property
     def hop(self) -> int:
-        """Input samples per bottleneck frame: each of the len(channels) stages halves."""
-        return 2 ** len(self.channels)
+        """The model's hop: its input length must be a multiple of it (see unet_hop)."""
+        return unet_hop(self.channels)
+
+
+def unet_hop(channels) -> int:
+    """Input samples per bottleneck frame of a generator with these encoder widths.
+
+    Each of the len(channels) encoder stages halves the length, so an input must be a
+    multiple of 2 ** len(channels) samples (16 for the paper's four stages).
+    """
+    return 2 ** len(channels)
 
 
 @dataclass(frozen=True)
@@ -539,8 +553,60 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def sha256_file(path: str) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def one_line(error) -> str:
+    """An exception's (or a message's) text on one line; an empty one gives its type's name."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def print_error(error, program: str | None = None) -> None:
+    """The scripts' one-line error on stderr: "[program: ]error: <message on one line>"."""
+    prefix = f"{program}: " if program else ""
+    print(f"{prefix}error: {one_line(error)}", file=sys.stderr)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, which draws files without a display.
+
+    Imported on first use, so that scripts which never plot do not pay matplotlib's start-up.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def power_db(signal, n_fft: int = 2048, hop_size: int = 512) -> np.ndarray:
+    """The log power spectrogram that the figures show (train's TensorBoard, evaluate's plots).
+
+    Args:
+        signal: [T] float samples, numpy or torch.
+        n_fft, hop_size: STFT size and hop (periodic Hann window, centred frames).
+    Returns:
+        float32 [n_fft // 2 + 1, frames]: 10 * log10(|X|^2), floored at -100 dB.
+    """
+    x = torch.as_tensor(np.asarray(signal, dtype=np.float32)).reshape(-1)
+    window = torch.hann_window(n_fft)
+    spec = torch.stft(x, n_fft, hop_size, window=window, return_complex=True)
+    return (10 * torch.log10(spec.abs().square().clamp(min=1e-10))).numpy()
+
+
 def plot_spectrogram(
-    spectrogram: np.ndarray, ax=None, sampling_rate: int = 48000, vmin=None, vmax=None
+    spectrogram: np.ndarray,
+    ax=None,
+    sampling_rate: int = SAMPLING_RATE,
+    vmin=None,
+    vmax=None,
 ):
     """Draws a [freq_bins, frames] log-magnitude array with a frequency axis in kHz.
 
@@ -552,12 +618,7 @@ def plot_spectrogram(
     Returns:
         The matplotlib Figure.
     """
-    # Imported here so that scripts which never plot do not pay matplotlib's start-up time.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if ax is None:
         fig, ax = plt.subplots(figsize=(10, 3))
     else:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 import dataset
-from inference_wav import PRETRAINED_PATH, SAMPLING_RATE, SuperResolver
+from inference_wav import PRETRAINED_PATH, SuperResolver
+from utils import SAMPLING_RATE
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(__file__)), "..", "shared", "data")
 

@@ -370,6 +370,29 @@ def test_valid_dataset(cfg, clips):
     assert x.shape[1] - len(y_full) < 16
 
 
+
+def test_valid_dataset_pads_to_the_model_hop(clips):
+    # a five-stage model takes multiples of 32 samples, not the paper's 16
+    five_stages = ["model.channels=[4,8,8,8,8]", "model.up_kernels=[4,4,4,4,4]"]
+    cfg = load_config("cfgs.json", SHORT_CROPS + five_stages)
+    assert cfg.model.hop == 32
+    ds = ValidDataset(clips[:2], cfg)
+    for i in range(len(ds)):
+        x, y, _, _ = ds[i]
+        assert x.shape == y.shape and x.shape[1] % 32 == 0
+
+
+def test_peak_gains_silence_rule():
+    # each channel to the target peak; a silent channel beside others keeps gain 1
+    gains = dataset.peak_gains([0.5, 0.0, 2.0], 0.9)
+    np.testing.assert_allclose(gains, [1.8, 1.0, 0.45], rtol=1e-12)
+    assert dataset.peak_gains(0.3, 0.9) == pytest.approx(3.0)
+    # a clip silent in every channel has no level: an error naming it
+    for silent in (0.0, [0.0, 0.0]):
+        with pytest.raises(ValueError, match=r"^clip\.wav: silent clip"):
+            dataset.peak_gains(silent, 0.9, "clip.wav")
+
+
 # ---------------------------------------------------------------- VCTK file lists
 
 
