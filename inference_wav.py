@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 import dataset
+import ssm
 import stream
 import utils
 from models import WaveUMamba, load_generator
@@ -639,7 +640,7 @@ def _parse_args(argv) -> argparse.Namespace:
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
-        "--scan_impl", choices=("auto", "torch", "compiled", "ref"), default="auto"
+        "--scan_impl", choices=ssm.IMPLS, default="auto"
     )
     a = parser.parse_args(argv)
     if a.input_sr != "auto" and not (a.input_sr.isdigit() and int(a.input_sr) > 0):

@@ -60,9 +60,7 @@ def selective_scan_ref(
 
     Args and Returns: as `selective_scan` (computed in the dtype of u).
     """
-    dt = delta if delta_bias is None else delta + delta_bias[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
+    dt = _step_sizes(delta, delta_bias, delta_softplus)
     h = _start_state(u, A, initial_state)
     ys = []
     # unbind, not indexing: each indexed step would cost a full-size gradient in backward
@@ -70,12 +68,22 @@ def selective_scan_ref(
     for dt_t, B_t, C_t, u_t in steps:
         h = torch.exp(dt_t[..., None] * A) * h + (dt_t * u_t)[..., None] * B_t[:, None]
         ys.append((h * C_t[:, None]).sum(-1))
-    y = torch.stack(ys, dim=-1)
+    y = _skip_and_gate(torch.stack(ys, dim=-1), u, D, z)
+    return (y, h) if return_last_state else y
+
+
+def _step_sizes(delta, delta_bias, delta_softplus):
+    # dt [B, D, L]: delta + delta_bias, through softplus when asked (the compiled kernel does
+    # this inside the scan)
+    dt = delta if delta_bias is None else delta + delta_bias[:, None]
+    return F.softplus(dt) if delta_softplus else dt
+
+
+def _skip_and_gate(y, u, D, z):
+    # y [B, D, L] of the recurrence -> (y + D * u) * silu(z), each part when given
     if D is not None:
         y = y + D[:, None] * u
-    if z is not None:
-        y = y * F.silu(z)
-    return (y, h) if return_last_state else y
+    return y if z is None else y * F.silu(z)
 
 
 def _start_state(u, A, initial_state):
@@ -106,10 +114,7 @@ def _selective_scan_torch(
     # The exponentials and inputs for all steps are computed at once so the time loop holds
     # only the recurrence. Steps are unbound and outputs collected in a list: indexing a step
     # or writing into slices of a growing tensor would make the backward O(L^2).
-    dt = delta if delta_bias is None else delta + delta_bias[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
-    dt = dt.transpose(1, 2)  # [B, L, D]
+    dt = _step_sizes(delta, delta_bias, delta_softplus).transpose(1, 2)  # [B, L, D]
     dA = torch.exp(dt[..., None] * A)  # [B, L, D, N]
     dBu = (dt * u.transpose(1, 2))[..., None] * B.transpose(1, 2)[:, :, None, :]
     Ct = C.transpose(1, 2)  # [B, L, N]
@@ -118,11 +123,7 @@ def _selective_scan_torch(
     for dA_t, dBu_t, C_t in zip(dA.unbind(1), dBu.unbind(1), Ct.unbind(1)):
         h = dA_t * h + dBu_t
         ys.append(torch.matmul(h, C_t[:, :, None]))
-    y = torch.cat(ys, dim=-1)  # [B, D, L]
-    if D is not None:
-        y = y + D[:, None] * u
-    if z is not None:
-        y = y * F.silu(z)
+    y = _skip_and_gate(torch.cat(ys, dim=-1), u, D, z)  # [B, D, L]
     return (y, h) if return_last_state else y
 
 
@@ -478,8 +479,8 @@ def _resolve_impl(impl, x):
     # "auto" -> the fastest implementation that runs here; says once on stderr if that is
     # the PyTorch loop.
     global _fallback_reported
-    if impl not in ("auto", "ref", "torch", "compiled", "cuda"):
-        raise ValueError(f"unknown scan impl {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown scan impl {impl!r}, use one of {IMPLS}")
     if impl == "cuda" and _cuda_kernels_error(x) is not None:
         raise ValueError(f"impl='cuda' cannot run: {_cuda_kernels_error(x)}")
     if impl != "auto":
@@ -507,6 +508,8 @@ _IMPLS = {
     "compiled": _selective_scan_compiled,
     "cuda": _selective_scan_cuda,
 }
+# What `impl` (and the scripts' --scan_impl) may be: "auto" or one of the implementations.
+IMPLS = ("auto", *_IMPLS)
 
 
 def selective_scan(

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dataset
+import ssm
 import utils
 from models import HEAD_LRELU_SLOPE, LRELU_SLOPE, ConvUnit, EncoderBlock, UpBlock
 
@@ -520,7 +521,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cfgs_path", default=None, help="as inference_wav.py")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
-        "--scan_impl", choices=("auto", "torch", "compiled", "ref"), default="auto"
+        "--scan_impl", choices=ssm.IMPLS, default="auto"
     )
     a = parser.parse_args(argv)
     if a.input_sr <= 0:

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import ssm
 import stream
 import utils
 from dataset import TrainDataset, ValidDataset, list_audio_files, peak_gains
@@ -717,7 +718,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--scan_impl",
         default="auto",
-        choices=("auto", "torch", "compiled"),
+        choices=ssm.IMPLS,
         help="selective-scan implementation of the Mamba blocks",
     )
     parser.add_argument(
