@@ -98,9 +98,7 @@ def test_upload_listen_compare(server, browser, tmp_path):
     page = open_page(browser, server, requests, problems)
     page.set_input_files("#file", CLIP)
     page.wait_for_selector("#results", state="visible", timeout=DEADLINE_MS)
-    page.wait_for_function(
-        "document.getElementById('player-output').duration > 0", timeout=30_000
-    )
+    page.wait_for_function("document.getElementById('player-output').duration > 0", timeout=30_000)
     page.wait_for_function(
         "['spectrogram-input', 'spectrogram-output'].every(id => {"
         " const image = document.getElementById(id);"
@@ -133,3 +131,20 @@ def test_live_mode_plays_the_microphone_back_with_its_latency(server, browser):
     assert page.inner_text("#live-toggle") == "Start live"
     assert not page.is_visible("#live-error") and not problems
     assert all(url.startswith((server, "blob:", "data:")) for url in requests), requests
+
+
+def test_recording_from_the_microphone_is_super_resolved(server, browser):
+    requests, problems = [], []
+    page = open_page(browser, server, requests, problems)
+    page.click("#record")
+    page.wait_for_function("document.getElementById('record').textContent === 'Stop'")
+    page.wait_for_timeout(1500)
+    page.click("#record")
+    page.wait_for_selector("#results", state="visible", timeout=DEADLINE_MS)
+    page.wait_for_function("document.getElementById('player-output').duration > 0", timeout=30_000)
+    assert page.inner_text("#name") == "recording.wav"
+    # "1.52 s · 48000 Hz · 1 channel": the length the server read from the recording
+    seconds = float(page.inner_text("#details").split(" s ")[0])
+    duration = page.eval_on_selector("#player-output", "audio => audio.duration")
+    assert seconds > 1.0 and abs(duration - seconds) < 0.01
+    assert not page.is_visible("#error") and not problems
