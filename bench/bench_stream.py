@@ -90,7 +90,8 @@ def main():
     parser.add_argument("--rates", type=int, nargs="+", default=[8000, 16000, 48000])
     parser.add_argument("--blocks-ms", type=float, nargs="+", default=[10, 20, 40])
     parser.add_argument("--seconds", type=float, default=5.0, help="timed audio per row")
-    parser.add_argument("--latency-seconds", type=float, default=0.03)
+    # enough for soxr's delay at 8 kHz (30 ms) and the model's to pass and repeat
+    parser.add_argument("--latency-seconds", type=float, default=0.08)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     resolver = SuperResolver.from_pretrained(args.checkpoint, device="cpu")

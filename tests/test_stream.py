@@ -140,12 +140,12 @@ def shipped():
 def speech_like(seconds: float, sr: int, seed: int = 0) -> np.ndarray:
     """Voiced bursts with noise, band-limited to sr / 2: a float32 [T] test signal."""
     rng = np.random.default_rng(seed)
-    t = np.arange(round(seconds * sr)) / sr
+    t = np.arange(round(seconds * 48000)) / 48000
     pitch = 120 + 40 * np.sin(2 * np.pi * 3 * t)
-    voiced = sum(np.sin(2 * np.pi * k * np.cumsum(pitch) / sr) / k for k in range(1, 30))
+    voiced = sum(np.sin(2 * np.pi * k * np.cumsum(pitch) / 48000) / k for k in range(1, 30))
     envelope = np.clip(np.sin(2 * np.pi * 4 * t), 0, None)
     x = (0.1 * voiced * envelope + 0.05 * rng.standard_normal(len(t))).astype(np.float32)
-    return dataset.resample(x, 48000, sr)[: len(t)] if sr < 48000 else x
+    return dataset.resample(x, 48000, sr)[: round(seconds * sr)] if sr < 48000 else x
 
 
 def offline(generator, x: np.ndarray, sr: int, gain: float) -> np.ndarray:
@@ -362,3 +362,39 @@ def test_cli_closed_pipe_and_errors(tmp_path):
         ["--input_sr", "8000", "--checkpoint_file", str(tmp_path / "none.pt")], b"", rng
     )
     assert code == 1 and out == b"" and len(err.splitlines()) == 1 and "none.pt" in err
+
+
+def test_files_block_by_block_equal_one_pass(tmp_path, tiny):
+    cfg = utils.load_config(os.path.join(ROOT, "cfgs.json"), TINY)
+    x = np.stack([speech_like(0.2, 16000, seed=8), np.zeros(3200, np.float32)])
+    x[0, 1000:1100] = 0.95  # a peak that the output will exceed: pcm16 scales it down
+    path = str(tmp_path / "in.flac")
+    sf.write(path, x.T, 16000, subtype="PCM_24")
+    audio, _ = dataset.load_audio(path)
+    whole = inference_wav.SuperResolver(tiny, cfg, torch.device("cpu"), 10.0)
+    expected, _ = whole.upsample(audio, 16000, input_sr="auto", keep_lowband=True)
+    blocks = inference_wav.SuperResolver(tiny, cfg, torch.device("cpu"), 0.013)
+    blocks.upsample_file(path, str(tmp_path / "f.wav"), "float", keep_lowband=True)
+    y, sr = sf.read(tmp_path / "f.wav", dtype="float32", always_2d=True)
+    assert sr == 48000 and not y[:, 1].any()
+    assert_relative(y.T, expected)
+    blocks.upsample_file(path, str(tmp_path / "p.wav"), "pcm16", keep_lowband=True)
+    y16, _ = sf.read(tmp_path / "p.wav", dtype="float32", always_2d=True)
+    scale = (32767 / 32768) / np.abs(expected).max()
+    assert scale < 1
+    np.testing.assert_allclose(y16.T, expected * scale, atol=1.5 / 32768)
+
+
+def test_bandwidth_meter_in_blocks_equals_the_whole_signal():
+    rng = np.random.default_rng(3)
+    for sr, cutoff in ((48000, 8000), (16000, 4000), (44100, 6000)):
+        x = scipy.signal.sosfilt(
+            scipy.signal.ellip(10, 0.1, 90, cutoff * 0.98, fs=sr, output="sos"),
+            rng.standard_normal((2, sr // 2)),
+        )
+        meter = inference_wav.BandwidthMeter(sr)
+        cuts = random_split(sr // 2, rng, [997])
+        for start, n in zip(np.cumsum([0] + cuts), cuts):
+            meter.add(x[:, start : start + n])
+        # the same segments, so the same spectrum (to float rounding) and the same answer
+        assert meter.bandwidth() == inference_wav.detect_bandwidth(x, sr) == cutoff
