@@ -157,6 +157,14 @@ function encodeWav(buffer) {
   return new Blob([view], { type: "audio/wav" });
 }
 
+// Browsers offer the microphone only to pages from https or from this machine (localhost).
+function microphone(constraints) {
+  if (!navigator.mediaDevices) {
+    throw new Error("the browser offers a microphone only over https or on localhost");
+  }
+  return navigator.mediaDevices.getUserMedia(constraints);
+}
+
 let recorder = null;
 $("record").addEventListener("click", async () => {
   const button = $("record");
@@ -166,7 +174,7 @@ $("record").addEventListener("click", async () => {
   }
   let stream;
   try {
-    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    stream = await microphone({ audio: true });
   } catch (error) {
     $("status").hidden = false;
     setError(`no microphone: ${error.message}`);
@@ -231,7 +239,7 @@ function play(state, samples) {
 
 async function startLive() {
   const rate = Number($("live-rate").value);
-  const mic = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1 } });
+  const mic = await microphone({ audio: { channelCount: 1 } });
   const capture = new AudioContext({ sampleRate: rate });
   const playback = new AudioContext({ sampleRate: 48000 });
   await capture.audioWorklet.addModule("/static/capture-worklet.js");
