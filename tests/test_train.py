@@ -198,6 +198,53 @@ def test_fused_adamw_takes_the_unfused_steps(data, tiny_discriminators):
             torch.testing.assert_close(p_fused, p_plain, rtol=1e-5, atol=1e-7, msg=key)
 
 
+def test_adamw_leaves_a_log_and_d_undecayed(data, tiny_discriminators):
+    # zero gradients: AdamW's step is then its weight decay alone, p *= 1 - lr * decay
+    cfg = utils.load_config("cfgs.json", TINY + data + ["train.weight_decay=100"])
+    run = train.build(cfg)
+    names = [name for name, _ in run.generator.named_parameters()]
+    kept = {name for name in names if name.endswith((".A_log", ".D"))}
+    assert kept and len(kept) < len(names)
+    before = _state(run.generator)
+    for p in run.generator.parameters():
+        p.grad = torch.zeros_like(p)
+    run.optim_g.step()
+    shrink = 1 - run.optim_g.param_groups[0]["lr"] * 100
+    for name, p in run.generator.named_parameters():
+        expected = before[name] if name in kept else before[name] * shrink
+        torch.testing.assert_close(p.detach(), expected, msg=name)
+
+
+def test_resume_regroups_a_one_group_generator_optimiser(
+    data, tiny_discriminators, tmp_path
+):
+    # do_ files written before A_log and D left weight decay hold one AdamW group
+    cfg = utils.load_config("cfgs.json", TINY + data)
+    old = train.build(cfg)
+    train_cfg = cfg.train
+    old.optim_g = torch.optim.AdamW(
+        old.generator.parameters(),
+        lr=train_cfg.learning_rate,
+        betas=(train_cfg.adam_b1, train_cfg.adam_b2),
+        weight_decay=train_cfg.weight_decay,
+        fused=True,
+    )
+    old.sched_g = torch.optim.lr_scheduler.LambdaLR(
+        old.optim_g, lambda epoch: train.lr_factor(epoch, train_cfg)
+    )
+    train.train_step(old, _batch(old))
+    train.save_checkpoints(old, str(tmp_path))
+    run = train.build(cfg)
+    assert train.resume(run, str(tmp_path))
+    assert len(run.optim_g.param_groups) == 2
+    (old_lr,) = old.sched_g.get_last_lr()
+    assert run.sched_g.get_last_lr() == [old_lr, old_lr]
+    for p_old, p in zip(old.generator.parameters(), run.generator.parameters()):
+        for key, value in old.optim_g.state[p_old].items():
+            torch.testing.assert_close(run.optim_g.state[p][key], value)
+    train.train_step(run, _batch(run))
+
+
 def test_generator_warmup_leaves_discriminators_alone_and_lowers_the_loss(
     data, tiny_discriminators
 ):
