@@ -357,8 +357,7 @@ def log_spectrogram(audio: np.ndarray) -> np.ndarray:
 
 def spectrogram_pngs(audio: np.ndarray, sr: int, y: np.ndarray) -> dict[str, bytes]:
     """PNG spectrograms of the input (resampled to 48 kHz) and the output, on one colour scale."""
-    import matplotlib.pyplot as plt
-
+    plt = utils.pyplot()
     seconds = audio.shape[-1] / sr
     specs = {
         "input": log_spectrogram(
@@ -844,13 +843,13 @@ def main(argv=None) -> int:
         reason = (
             os.strerror(e.errno) if (e.errno or 0) > 0 else e.strerror or one_line(e)
         )
-        print(f"error: cannot listen on {a.host}:{a.port}: {reason}", file=sys.stderr)
+        utils.print_error(f"cannot listen on {a.host}:{a.port}: {reason}")
         return 1
     try:
         resolver = SuperResolver.from_pretrained(a.checkpoint_file, a.device)
     except FILE_ERRORS as e:
         sock.close()
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        utils.print_error(e)
         return 1
     host = f"[{a.host}]" if ":" in a.host else a.host
     print(
