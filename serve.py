@@ -210,9 +210,7 @@ class Service:
         self.sweep()
         with self._wake:
             if len(self._pending) >= self.limits.queue_size:
-                raise ApiError(
-                    429, f"queue full ({self.limits.queue_size} waiting); retry later"
-                )
+                raise ApiError(429, f"queue full ({self.limits.queue_size} waiting); retry later")
             self._pending.append(job)
             if keep:
                 self._jobs[job.id] = job
@@ -264,9 +262,7 @@ class Service:
         """Forgets jobs that ended more than `result_ttl` seconds ago."""
         oldest = time.monotonic() - self.limits.result_ttl
         with self._wake:
-            for job_id in [
-                i for i, j in self._jobs.items() if j.ended and j.ended_at < oldest
-            ]:
+            for job_id in [i for i, j in self._jobs.items() if j.ended and j.ended_at < oldest]:
                 del self._jobs[job_id]
 
     @staticmethod
@@ -337,22 +333,16 @@ class Service:
 
 
 def log_spectrogram(audio: np.ndarray) -> np.ndarray:
-    """[channels, T] 48 kHz audio -> [F, N] dB power, averaged over channels, at most
-    SPECTROGRAM_COLUMNS frames (neighbouring frames averaged)."""
-    window = torch.hann_window(metrics.N_FFT)
-    spec = torch.stft(
-        torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)),
-        metrics.N_FFT,
-        metrics.HOP_SIZE,
-        window=window,
-        pad_mode="constant",  # reflection needs a clip longer than half a window
-        return_complex=True,
-    )
-    power = spec.abs().square().mean(dim=0)  # [F, N]
+    """[channels, T] 48 kHz audio -> [F, N] dB: utils.power_db's spectrogram, its power averaged
+    over channels and, past SPECTROGRAM_COLUMNS frames, over neighbouring frames."""
+    # power_db's centred frames reflect half a window at each end: pad clips shorter than that
+    audio = np.pad(audio, ((0, 0), (0, max(0, metrics.N_FFT // 2 + 1 - audio.shape[1]))))
+    db = np.stack([utils.power_db(channel, metrics.N_FFT, metrics.HOP_SIZE) for channel in audio])
+    power = torch.from_numpy(10 ** (db / 10)).mean(dim=0)  # [F, N]
     group = -(-power.shape[1] // SPECTROGRAM_COLUMNS)
     if group > 1:
         power = torch.nn.functional.avg_pool1d(power[None], group, ceil_mode=True)[0]
-    return (10 * torch.log10(power.clamp(min=1e-10))).numpy()
+    return (10 * torch.log10(power)).float().numpy()
 
 
 def spectrogram_pngs(audio: np.ndarray, sr: int, y: np.ndarray) -> dict[str, bytes]:
@@ -360,18 +350,14 @@ def spectrogram_pngs(audio: np.ndarray, sr: int, y: np.ndarray) -> dict[str, byt
     plt = utils.pyplot()
     seconds = audio.shape[-1] / sr
     specs = {
-        "input": log_spectrogram(
-            np.atleast_2d(dataset.resample(audio, sr, SAMPLING_RATE))
-        ),
+        "input": log_spectrogram(np.atleast_2d(dataset.resample(audio, sr, SAMPLING_RATE))),
         "output": log_spectrogram(np.atleast_2d(y)),
     }
     vmax = max(float(s.max()) for s in specs.values())
     images = {}
     for name, spec in specs.items():
         fig, ax = plt.subplots(figsize=(6.4, 2.6))
-        utils.plot_spectrogram(
-            spec, ax, SAMPLING_RATE, vmin=vmax - SPECTROGRAM_RANGE_DB, vmax=vmax
-        )
+        utils.plot_spectrogram(spec, ax, SAMPLING_RATE, vmin=vmax - SPECTROGRAM_RANGE_DB, vmax=vmax)
         # plot_spectrogram counts frames; the page wants seconds
         ax.images[0].set_extent((0, seconds, 0, SAMPLING_RATE / 2000))
         ax.set_xlim(0, seconds)
@@ -397,14 +383,10 @@ def declared_seconds(path: str) -> float:
 def check_length(seconds: float, max_seconds: float) -> None:
     """ApiError 413 for a clip longer than `max_seconds`."""
     if seconds > max_seconds:
-        raise ApiError(
-            413, f"audio is {seconds:.1f} s long; the limit is {max_seconds:g} s"
-        )
+        raise ApiError(413, f"audio is {seconds:.1f} s long; the limit is {max_seconds:g} s")
 
 
-async def read_upload(
-    service: Service, upload: UploadFile
-) -> tuple[np.ndarray, InputInfo]:
+async def read_upload(service: Service, upload: UploadFile) -> tuple[np.ndarray, InputInfo]:
     """Decodes an upload through a server-named temporary file (removed at once) and checks it.
 
     Returns:
@@ -441,9 +423,7 @@ async def read_upload(
 def form_options(
     keep_lowband: Annotated[
         bool,
-        Form(
-            description="keep the input's own band; the model adds only what lies above"
-        ),
+        Form(description="keep the input's own band; the model adds only what lies above"),
     ] = False,
     input_sr: Annotated[
         str,
@@ -461,16 +441,12 @@ def form_options(
         ),
     ] = "pcm16",
 ) -> Options:
-    return Options(
-        keep_lowband, None if input_sr == "auto" else int(input_sr), audio_format
-    )
+    return Options(keep_lowband, None if input_sr == "auto" else int(input_sr), audio_format)
 
 
 def attachment_name(info: InputInfo) -> str:
     """`<stem>_superresolved.wav`, reduced to characters safe in a header."""
-    stem = (
-        re.sub(r"[^A-Za-z0-9._-]", "_", os.path.splitext(info.name)[0])[:100] or "audio"
-    )
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.splitext(info.name)[0])[:100] or "audio"
     return f'attachment; filename="{stem}_superresolved.wav"'
 
 
@@ -541,9 +517,7 @@ def create_app(resolver: SuperResolver, limits: Limits = Limits()) -> FastAPI:
     add_job_routes(app, service)
     add_stream_route(app, service)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.mount(
-        "/docs-assets", StaticFiles(directory=swagger_ui_dir()), name="docs-assets"
-    )
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_dir()), name="docs-assets")
     return app
 
 
@@ -593,9 +567,7 @@ ERRORS = {
         (429, "queue full"),
     ]
 }
-NOT_FOUND = {
-    404: {"model": ErrorBody, "description": "unknown, deleted or expired job"}
-}
+NOT_FOUND = {404: {"model": ErrorBody, "description": "unknown, deleted or expired job"}}
 JobId = Annotated[str, Path(max_length=64)]
 
 
@@ -625,9 +597,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
     )
     async def superresolve(
         request: Request,
-        file: Annotated[
-            UploadFile, File(description="audio: wav, flac, ogg, mp3, ...")
-        ],
+        file: Annotated[UploadFile, File(description="audio: wav, flac, ogg, mp3, ...")],
         options: Annotated[Options, Depends(form_options)],
     ):
         """Super-resolves one file and answers with the 48 kHz WAV (same channels, duration)."""
@@ -651,9 +621,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
 def add_job_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/jobs", status_code=202, responses=ERRORS)
     async def create_job(
-        file: Annotated[
-            UploadFile, File(description="audio: wav, flac, ogg, mp3, ...")
-        ],
+        file: Annotated[UploadFile, File(description="audio: wav, flac, ogg, mp3, ...")],
         options: Annotated[Options, Depends(form_options)],
     ) -> JobStatus:
         """Queues a file; poll GET /v1/jobs/{id}, then fetch its result."""
@@ -670,17 +638,11 @@ def add_job_routes(app: FastAPI, service: Service) -> None:
     def finished(job_id: str) -> Job:
         job = service.job(job_id)
         if job.state != "done":
-            detail = (
-                f"job failed: {job.error}"
-                if job.state == "failed"
-                else f"job is {job.state}"
-            )
+            detail = f"job failed: {job.error}" if job.state == "failed" else f"job is {job.state}"
             raise ApiError(409, detail)
         return job
 
-    conflict = {
-        409: {"model": ErrorBody, "description": "the job has not finished well"}
-    }
+    conflict = {409: {"model": ErrorBody, "description": "the job has not finished well"}}
 
     @app.get(
         "/v1/jobs/{job_id}/result",
@@ -716,9 +678,7 @@ def add_job_routes(app: FastAPI, service: Service) -> None:
         return Response(status_code=204)
 
 
-async def close_with_error(
-    websocket: WebSocket, message: str, code: int = 1008
-) -> None:
+async def close_with_error(websocket: WebSocket, message: str, code: int = 1008) -> None:
     """Sends {"error": message} and closes (1008: policy violation), unless the client left."""
     with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
         await websocket.send_json({"error": message})
@@ -743,13 +703,9 @@ async def relay(websocket: WebSocket, processor, sr: int, max_seconds: float) ->
             return
         data = message.get("bytes")
         if data is None or len(data) % 4:
-            raise ValueError(
-                'send float32 samples as binary messages, then the text "end"'
-            )
+            raise ValueError('send float32 samples as binary messages, then the text "end"')
         if len(data) // 4 > STREAM_BLOCK_SECONDS * sr:
-            raise ValueError(
-                f"a message holds at most {STREAM_BLOCK_SECONDS:g} s of audio"
-            )
+            raise ValueError(f"a message holds at most {STREAM_BLOCK_SECONDS:g} s of audio")
         received += len(data) // 4
         if received > max_seconds * sr:
             raise ValueError(f"stream longer than the limit of {max_seconds:g} s")
@@ -801,9 +757,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     defaults = Limits()
-    parser.add_argument(
-        "--max_upload_mb", type=float, default=defaults.max_upload_bytes / 2**20
-    )
+    parser.add_argument("--max_upload_mb", type=float, default=defaults.max_upload_bytes / 2**20)
     parser.add_argument("--max_seconds", type=float, default=defaults.max_seconds)
     parser.add_argument(
         "--queue_size",
@@ -824,10 +778,7 @@ def main(argv=None) -> int:
         help="live streams at once",
     )
     a = parser.parse_args(argv)
-    if (
-        min(a.max_upload_mb, a.max_seconds, a.queue_size, a.result_ttl, a.max_streams)
-        <= 0
-    ):
+    if min(a.max_upload_mb, a.max_seconds, a.queue_size, a.result_ttl, a.max_streams) <= 0:
         parser.error("limits must be positive")
     limits = Limits(
         round(a.max_upload_mb * 2**20),
@@ -840,9 +791,7 @@ def main(argv=None) -> int:
         sock = listen(a.host, a.port)
     except OSError as e:
         # create_server appends the address to strerror; errno's own text is enough
-        reason = (
-            os.strerror(e.errno) if (e.errno or 0) > 0 else e.strerror or one_line(e)
-        )
+        reason = os.strerror(e.errno) if (e.errno or 0) > 0 else e.strerror or one_line(e)
         utils.print_error(f"cannot listen on {a.host}:{a.port}: {reason}")
         return 1
     try:
