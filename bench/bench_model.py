@@ -1,8 +1,10 @@
 """Generator speed on CPU: real-time factor, peak memory, the float32 floor, training step time.
 
 Run from the repo root: `python -m bench.bench_model` (several minutes; see --help). Each case
-runs in a fresh subprocess so its peak resident memory (ru_maxrss) is its own. Prints Markdown
-tables; no asserts.
+runs in a fresh subprocess so its peak resident memory (ru_maxrss) is its own: the generator's
+forward, and the public API (`SuperResolver.upsample` with the shipped model on 16 kHz
+speech). Beside wall-clock RTF each row gives the process CPU time per second of audio, which
+other jobs on a shared machine disturb much less. Prints Markdown tables; no asserts.
 """
 
 import argparse
@@ -18,7 +20,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-SAMPLING_RATE = 48000
+from utils import SAMPLING_RATE
 
 
 def peak_rss_mb() -> float:
@@ -38,6 +40,12 @@ def matmul_gflops(n: int = 1024, runs: int = 20) -> float:
     return 2 * n**3 / min(times) / 1e9
 
 
+def noise_input(generator, seconds: float) -> torch.Tensor:
+    """[1, 1, T] noise at 0.1 for `seconds` of audio, T cut to a multiple of generator.hop."""
+    length = int(seconds * SAMPLING_RATE) // generator.hop * generator.hop
+    return torch.randn(1, 1, length) * 0.1
+
+
 def generator_gflop_per_second_of_audio(seconds: float = 0.2) -> tuple[float, float]:
     """FLOPs of one forward per second of audio: (matmuls + convs counted, scan estimated).
 
@@ -49,7 +57,7 @@ def generator_gflop_per_second_of_audio(seconds: float = 0.2) -> tuple[float, fl
 
     g = WaveUMamba(scan_impl="ref").eval()
     g.remove_weight_norm()
-    x = torch.randn(1, 1, int(seconds * SAMPLING_RATE) // 16 * 16) * 0.1
+    x = noise_input(g, seconds)
     scan_flops = [0]
     for m in g.modules():
         if isinstance(m, ssm.Mamba):
@@ -74,19 +82,49 @@ def worker_rtf(args) -> dict:
     torch.manual_seed(0)
     g = WaveUMamba(scan_impl=args.impl).eval()
     g.remove_weight_norm()
-    x = torch.randn(1, 1, int(args.seconds * SAMPLING_RATE) // 16 * 16) * 0.1
-    times = []
+    x = noise_input(g, args.seconds)
+    times, cpu = [], []
     with torch.inference_mode():
         for _ in range(args.warmup + args.runs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             g(x)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     times = times[args.warmup :]
+    seconds = x.shape[-1] / SAMPLING_RATE
     return {
-        "rtf": statistics.median(times) / (x.shape[-1] / SAMPLING_RATE),
+        "rtf": statistics.median(times) / seconds,
+        "cpu_per_s": statistics.median(cpu[args.warmup :]) / seconds,
         "times": times,
         "peak_rss_mb": peak_rss_mb(),
         "threads": torch.get_num_threads(),
+    }
+
+
+def worker_api(args) -> dict:
+    """SuperResolver.upsample, the public API with the shipped model, on args.seconds of
+    16 kHz speech (examples/sample_8k.wav, resampled and repeated to that length)."""
+    import numpy as np
+    import soundfile as sf
+    import soxr
+
+    from inference_wav import SuperResolver
+
+    speech, sr = sf.read(os.path.join("examples", "sample_8k.wav"), dtype="float32")
+    audio = np.resize(soxr.resample(speech, sr, 16000), int(args.seconds * 16000))
+    model = SuperResolver.from_pretrained(scan_impl=args.impl)
+    times, cpu = [], []
+    for _ in range(args.warmup + args.runs):
+        t0, c0 = time.perf_counter(), time.process_time()
+        model.upsample(audio, sr=16000)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    times = times[args.warmup :]
+    return {
+        "rtf": statistics.median(times) / args.seconds,
+        "cpu_per_s": statistics.median(cpu[args.warmup :]) / args.seconds,
+        "times": times,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -103,7 +141,7 @@ def worker_profile(args) -> dict:
     torch.manual_seed(0)
     g = WaveUMamba(scan_impl=args.impl).eval()
     g.remove_weight_norm()
-    x = torch.randn(1, 1, int(args.seconds * SAMPLING_RATE) // 16 * 16) * 0.1
+    x = noise_input(g, args.seconds)
     keys = ("scan", "matmul", "mamba", "out_proj", "layernorm", "convs")
     totals = dict.fromkeys(keys, 0.0)
 
@@ -202,7 +240,11 @@ def run_worker(mode: str, impl: str, args, extra=()) -> dict:
     cmd = [sys.executable, "-m", "bench.bench_model", "--worker", mode, "--impl", impl]
     cmd += ["--seconds", str(args.seconds), "--runs", str(args.runs)]
     cmd += ["--warmup", str(args.warmup), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.omp_passive:
+        # libgomp reads this when it starts, so only a fresh process can have it
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
         return {"error": tail[0]}
@@ -231,7 +273,15 @@ def main():
     parser.add_argument("--no-train", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument(
-        "--worker", choices=["rtf", "profile", "train"], help=argparse.SUPPRESS
+        "--no-api", action="store_true", help="skip SuperResolver.upsample"
+    )
+    parser.add_argument(
+        "--omp-passive",
+        action="store_true",
+        help="run the cases with OMP_WAIT_POLICY=PASSIVE (idle threads sleep, not spin)",
+    )
+    parser.add_argument(
+        "--worker", choices=["rtf", "api", "profile", "train"], help=argparse.SUPPRESS
     )
     parser.add_argument("--impl", default="torch", help=argparse.SUPPRESS)
     parser.add_argument("--num-threads", type=int, default=0, help=argparse.SUPPRESS)
@@ -241,7 +291,12 @@ def main():
     if args.worker:
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
-        fn = {"rtf": worker_rtf, "profile": worker_profile, "train": worker_train}
+        fn = {
+            "rtf": worker_rtf,
+            "api": worker_api,
+            "profile": worker_profile,
+            "train": worker_train,
+        }
         print(json.dumps(fn[args.worker](args)))
         return
 
@@ -272,23 +327,36 @@ def main():
         f"{floors}.\n"
     )
     print(
-        "| scan impl | threads | RTF (median) | runs (s) | RTF / floor | peak RSS (MB) |"
+        "Rows: the generator's forward on random audio (`generator`), and "
+        "`SuperResolver.upsample` with the shipped model on speech at 16 kHz (`API`), both "
+        f"{args.seconds:g} s long"
+        + (", with OMP_WAIT_POLICY=PASSIVE" if args.omp_passive else "")
+        + ".\n"
     )
-    print("|---|---|---|---|---|---|")
+    print(
+        "| scan impl | threads | what | RTF (median) | runs (s) | RTF / floor |"
+        " CPU s per s of audio | peak RSS (MB) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     ok = []
     for impl in args.impls:
         for threads in args.threads:
-            r = run_worker("rtf", impl, args, ["--num-threads", str(threads)])
-            if "error" in r:
-                print(f"| {impl} | {threads} | failed: {r['error']} | | | |")
-                continue
-            ok.append((impl, threads))
-            runs = ", ".join(f"{t:.1f}" for t in r["times"])
-            print(
-                f"| {impl} | {threads} | {r['rtf']:.3f} | {runs} | {r['rtf'] * gflops[threads] / work:.1f} "
-                f"| {r['peak_rss_mb']:.0f} |"
-            )
-            sys.stdout.flush()
+            for mode, what in (("rtf", "generator"), ("api", "API")):
+                if mode == "api" and args.no_api:
+                    continue
+                r = run_worker(mode, impl, args, ["--num-threads", str(threads)])
+                if "error" in r:
+                    print(f"| {impl} | {threads} | {what} | failed: {r['error']} | | | | |")
+                    continue
+                if mode == "rtf":
+                    ok.append((impl, threads))
+                runs = ", ".join(f"{t:.1f}" for t in r["times"])
+                print(
+                    f"| {impl} | {threads} | {what} | {r['rtf']:.3f} | {runs} "
+                    f"| {r['rtf'] * gflops[threads] / work:.1f} | {r['cpu_per_s']:.2f} "
+                    f"| {r['peak_rss_mb']:.0f} |"
+                )
+                sys.stdout.flush()
 
     if not args.no_profile:
         for impl in dict.fromkeys(impl for impl, _ in ok):
