@@ -51,9 +51,7 @@ class CountingResolver(SuperResolver):
         self.gate = threading.Event()
         self.gate.set()
 
-    def upsample(
-        self, audio, sr, input_sr=None, keep_lowband=False, progress=None, **kwargs
-    ):
+    def upsample(self, audio, sr, input_sr=None, keep_lowband=False, progress=None, **kwargs):
         def counted(fraction):
             self.passes += 1
             assert self.gate.wait(TIMEOUT)
@@ -61,9 +59,7 @@ class CountingResolver(SuperResolver):
             if progress is not None:
                 progress(fraction)
 
-        return super().upsample(
-            audio, sr, input_sr, keep_lowband, progress=counted, **kwargs
-        )
+        return super().upsample(audio, sr, input_sr, keep_lowband, progress=counted, **kwargs)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,9 +98,7 @@ def real_server(resolver, **limits):
     app = serve.create_app(resolver, serve.Limits(**limits))
     sock = serve.listen("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, daemon=True
-    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
         wait_until(lambda: server.started)
@@ -319,9 +313,7 @@ def test_size_and_duration_limits_are_413(resolver):
         assert client.get("/healthz").json()["queued"] == 0
 
 
-def test_a_clip_declared_too_long_is_refused_before_it_is_decoded(
-    resolver, monkeypatch
-):
+def test_a_clip_declared_too_long_is_refused_before_it_is_decoded(resolver, monkeypatch):
     # a small compressed file can hold hours of audio: its header is checked first
     def decode_all(path):
         raise AssertionError("decoded a clip whose header is over the limit")
@@ -330,9 +322,7 @@ def test_a_clip_declared_too_long_is_refused_before_it_is_decoded(
     with client_for(resolver, max_seconds=0.5) as client:
         data = wav_bytes(clip(1.0, 8000), 8000, "PCM_16")
         for path in ("/v1/superresolve", "/v1/jobs"):
-            assert "the limit is 0.5 s" in assert_error(
-                client.post(path, **upload(data)), 413
-            )
+            assert "the limit is 0.5 s" in assert_error(client.post(path, **upload(data)), 413)
 
 
 def test_queue_full_is_429_at_once_and_the_queue_drains(resolver):
@@ -343,9 +333,7 @@ def test_queue_full_is_429_at_once_and_the_queue_drains(resolver):
         wait_until(lambda: client.get("/healthz").json()["running"])
         second = client.post("/v1/jobs", **upload(data))
         assert second.status_code == 202 and second.json()["position"] == 1
-        assert "queue full" in assert_error(
-            client.post("/v1/jobs", **upload(data)), 429
-        )
+        assert "queue full" in assert_error(client.post("/v1/jobs", **upload(data)), 429)
         assert_error(client.post("/v1/superresolve", **upload(data)), 429)
         health = client.get("/healthz").json()
         assert health == {"status": "ok", "queued": 1, "running": True, "streams": 0}
@@ -358,9 +346,7 @@ def test_queue_full_is_429_at_once_and_the_queue_drains(resolver):
 
 def test_concurrent_clients_each_get_their_own_result(resolver):
     cases = [(8000, None), (16000, 2), (22050, None), (44100, None)]
-    inputs = [
-        clip(0.25, sr, channels, seed=i) for i, (sr, channels) in enumerate(cases)
-    ]
+    inputs = [clip(0.25, sr, channels, seed=i) for i, (sr, channels) in enumerate(cases)]
     expected = [resolver.upsample(x, sr)[0] for x, (sr, _) in zip(inputs, cases)]
     with client_for(resolver, queue_size=len(cases)) as client:
 
@@ -383,9 +369,7 @@ def test_job_lifecycle(chunked):
     expected, _ = chunked.upsample(audio, 16000)
     chunked.delay = 0.005
     with client_for(chunked) as client:
-        created = client.post(
-            "/v1/jobs", **upload(wav_bytes(audio, 16000), format="float")
-        )
+        created = client.post("/v1/jobs", **upload(wav_bytes(audio, 16000), format="float"))
         assert created.status_code == 202, created.text
         job = created.json()
         assert job["state"] in ("queued", "running")
@@ -476,15 +460,11 @@ def stream_through(client, query, blocks):
     "query, gain, lowband_hz",
     [("", 1.0, None), ("&gain=4&keep_lowband=true", 4.0, 4000)],
 )
-def test_stream_gives_what_the_stream_processor_gives(
-    resolver, query, gain, lowband_hz
-):
+def test_stream_gives_what_the_stream_processor_gives(resolver, query, gain, lowband_hz):
     audio = clip(0.3, 8000, seed=5)
     blocks = np.array_split(audio, [160, 170, 500, 1700])  # any sizes, an empty one too
     processor = resolver.stream(8000, gain, 1, lowband_hz)
-    expected = np.concatenate(
-        [processor.process(b) for b in blocks] + [processor.flush()]
-    )
+    expected = np.concatenate([processor.process(b) for b in blocks] + [processor.flush()])
     with client_for(resolver) as client:
         y, code = stream_through(client, "sr=8000" + query, blocks)
         assert client.get("/healthz").json()["streams"] == 0
@@ -496,11 +476,7 @@ def stream_error(client, query, *messages):
     """Opens a stream, sends `messages` (bytes or str); returns (its error, the close code)."""
     with client.websocket_connect(f"/v1/stream?{query}") as ws:
         for message in messages:
-            (
-                ws.send_bytes(message)
-                if isinstance(message, bytes)
-                else ws.send_text(message)
-            )
+            (ws.send_bytes(message) if isinstance(message, bytes) else ws.send_text(message))
         # output of the blocks before the bad one comes first
         while "text" not in (message := ws.receive()):
             assert "bytes" in message
@@ -525,9 +501,7 @@ def stream_error(client, query, *messages):
         ("sr=8000", [np.zeros(8000, "<f4").tobytes()] * 2, "limit of 1.5 s"),
     ],
 )
-def test_stream_errors_are_a_json_message_then_close_1008(
-    resolver, query, messages, expected
-):
+def test_stream_errors_are_a_json_message_then_close_1008(resolver, query, messages, expected):
     with client_for(resolver, max_seconds=1.5) as client:
         error, code = stream_error(client, query, *messages)
         assert expected in error and code == 1008
@@ -554,9 +528,7 @@ def test_a_client_that_disconnects_leaves_no_work_running(chunked):
     boundary = "b0undary"
     body = (
         f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
-        f"Content-Type: audio/wav\r\n\r\n".encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
+        f"Content-Type: audio/wav\r\n\r\n".encode() + data + f"\r\n--{boundary}--\r\n".encode()
     )
     with real_server(chunked) as (url, app):
         port = int(url.rsplit(":", 1)[1])
@@ -618,9 +590,7 @@ def test_page_docs_and_health(resolver):
         assert_error(client.get("/static/missing.js"), 404)
         assert client.get("/docs").status_code == 200
         paths = client.get("/openapi.json").json()["paths"]
-        assert {"/v1/superresolve", "/v1/jobs", "/v1/jobs/{job_id}", "/healthz"} <= set(
-            paths
-        )
+        assert {"/v1/superresolve", "/v1/jobs", "/v1/jobs/{job_id}", "/healthz"} <= set(paths)
         health = client.get("/healthz").json()
         assert health == {"status": "ok", "queued": 0, "running": False, "streams": 0}
 
@@ -643,10 +613,7 @@ def test_main_exits_1_with_one_line_when_the_port_is_taken(capsys):
         port = taken.getsockname()[1]
         assert serve.main(["--port", str(port)]) == 1
     err = capsys.readouterr().err
-    assert (
-        err.startswith(f"error: cannot listen on 127.0.0.1:{port}")
-        and err.count("\n") == 1
-    )
+    assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}") and err.count("\n") == 1
 
 
 def test_main_exits_1_with_one_line_for_a_bad_checkpoint(tmp_path, capsys):
