@@ -1,5 +1,7 @@
 // Selective scan forward and backward, and causal depthwise conv + SiLU, for CPU; built and
-// called by ssm.py (see its docstring for the scan's definition and shapes).
+// called by ssm.py (see its docstring for the scan's definition and shapes). The scan includes
+// delta's bias and softplus and the silu(z) gate, which as separate PyTorch passes cost 40 %
+// as much as the recurrence.
 //
 // Layout of the work: a task is one group of channels of one batch item, handed to an OpenMP
 // thread. A task walks through time in blocks of K steps (K is also the interval at which the
@@ -13,8 +15,9 @@
 // exp(dt * A) is never formed: the update is written h += expm1(dt * A) * h + dt * B * u, with
 // expm1 accurate to float32's relative precision. Over a slow decay (dt * A = -1e-5, say) what
 // matters is the distance 1 - exp(dt * A), which a float32 exp would round to two digits;
-// expm1 keeps it to seven, and the state then stays within ~1e-6 of the float64 reference over
-// 48,000 steps (tests/test_ssm.py). float64 inputs are computed in float64 throughout.
+// expm1 keeps it to seven, and outputs and gradients then stay within 3e-6 of the float64
+// reference over 48,000 steps (tests/test_ssm.py allows 1e-5). float64 inputs are computed in
+// float64 throughout.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
