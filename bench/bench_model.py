@@ -251,7 +251,7 @@ def run_worker(mode: str, impl: str, args, extra=()) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main():
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--impls", nargs="+", default=["torch", "compiled"])
     parser.add_argument(
@@ -285,7 +285,55 @@ def main():
     )
     parser.add_argument("--impl", default="torch", help=argparse.SUPPRESS)
     parser.add_argument("--num-threads", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def print_profiles(args, ok) -> None:
+    """The time split of one forward per scan impl that ran, at its fewest threads."""
+    for impl in dict.fromkeys(impl for impl, _ in ok):
+        threads = min(t for i, t in ok if i == impl)
+        prof_args = argparse.Namespace(
+            **{**vars(args), "seconds": args.profile_seconds}
+        )
+        r = run_worker("profile", impl, prof_args, ["--num-threads", str(threads)])
+        if "error" in r:
+            print(f"\nprofile {impl} failed: {r['error']}")
+            continue
+        print(
+            f"\nTime split, scan impl {impl}, {threads} thread(s), one forward of "
+            f"{args.profile_seconds:g} s ({r['total']:.2f} s):\n"
+        )
+        print("| block type | s | share |")
+        print("|---|---|---|")
+        for name, t in r["split"].items():
+            print(f"| {name} | {t:.3f} | {100 * t / r['total']:.0f} % |")
+        sys.stdout.flush()
+
+
+def print_train_step(args) -> None:
+    """The table of one G + D training step (train.py's build and train_step)."""
+    extra = ["--batch", str(args.batch), "--segment", str(args.segment)]
+    extra += ["--num-threads", str(args.train_threads)]
+    train_args = argparse.Namespace(**{**vars(args), "runs": args.train_runs})
+    r = run_worker("train", args.train_impl, train_args, extra)
+    print(
+        f"\nTraining step (G + MPD + MSD, forward + backward + AdamW, batch {args.batch}, "
+        f"{args.segment} samples, scan impl {args.train_impl}, "
+        f"{args.train_threads or torch.get_num_threads()} thread(s)):\n"
+    )
+    print("| source | step (s, median) | runs (s) | peak RSS (MB) |")
+    print("|---|---|---|---|")
+    if "error" in r:
+        print(f"| failed: {r['error']} | | | |")
+    else:
+        runs = ", ".join(f"{t:.1f}" for t in r["times"])
+        print(
+            f"| {r['source']} | {r['step_s']:.2f} | {runs} | {r['peak_rss_mb']:.0f} |"
+        )
+
+
+def main():
+    args = _parse_args()
 
     default_threads = torch.get_num_threads()
     if args.worker:
@@ -359,44 +407,9 @@ def main():
                 sys.stdout.flush()
 
     if not args.no_profile:
-        for impl in dict.fromkeys(impl for impl, _ in ok):
-            threads = min(t for i, t in ok if i == impl)
-            prof_args = argparse.Namespace(
-                **{**vars(args), "seconds": args.profile_seconds}
-            )
-            r = run_worker("profile", impl, prof_args, ["--num-threads", str(threads)])
-            if "error" in r:
-                print(f"\nprofile {impl} failed: {r['error']}")
-                continue
-            print(
-                f"\nTime split, scan impl {impl}, {threads} thread(s), one forward of "
-                f"{args.profile_seconds:g} s ({r['total']:.2f} s):\n"
-            )
-            print("| block type | s | share |")
-            print("|---|---|---|")
-            for name, t in r["split"].items():
-                print(f"| {name} | {t:.3f} | {100 * t / r['total']:.0f} % |")
-            sys.stdout.flush()
-
+        print_profiles(args, ok)
     if not args.no_train:
-        extra = ["--batch", str(args.batch), "--segment", str(args.segment)]
-        extra += ["--num-threads", str(args.train_threads)]
-        train_args = argparse.Namespace(**{**vars(args), "runs": args.train_runs})
-        r = run_worker("train", args.train_impl, train_args, extra)
-        print(
-            f"\nTraining step (G + MPD + MSD, forward + backward + AdamW, batch {args.batch}, "
-            f"{args.segment} samples, scan impl {args.train_impl}, "
-            f"{args.train_threads or torch.get_num_threads()} thread(s)):\n"
-        )
-        print("| source | step (s, median) | runs (s) | peak RSS (MB) |")
-        print("|---|---|---|---|")
-        if "error" in r:
-            print(f"| failed: {r['error']} | | | |")
-        else:
-            runs = ", ".join(f"{t:.1f}" for t in r["times"])
-            print(
-                f"| {r['source']} | {r['step_s']:.2f} | {runs} | {r['peak_rss_mb']:.0f} |"
-            )
+        print_train_step(args)
 
 
 def cpu_name() -> str:
