@@ -27,14 +27,16 @@ from losses import discriminator_adv_loss, generator_adv_loss
 from utils import load_config
 
 
-def median_s(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
+def median_s(fn, runs: int) -> tuple[float, float]:
+    """Median wall-clock and process CPU (all threads) seconds of runs after a warm-up."""
+    fn()
+    wall, cpu = [], []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def conv_gflop(module: nn.Module, *inputs) -> float:
@@ -54,20 +56,19 @@ def conv_gflop(module: nn.Module, *inputs) -> float:
     return total[0] / 1e9
 
 
-def pieces(run, x, y, runs: int) -> list[tuple[str, float, float | None]]:
-    """(piece, seconds, GFLOP or None) for each part of train_step, run alone."""
+def pieces(run, x, y, runs: int):
+    """Yields (piece, (wall s, CPU s), GFLOP or None) for each part of train_step, run alone."""
     loss_cfg = run.cfg.loss
-    rows = []
     g = run.generator
-    rows.append(("generator forward", median_s(lambda: g(x), runs), None))
+    fwd = median_s(lambda: g(x), runs)
+    yield "generator forward", fwd, None
 
     def g_fwd_bwd():
         g.zero_grad(set_to_none=True)
         g(x).sum().backward()
 
-    rows.append(
-        ("generator backward", median_s(g_fwd_bwd, runs) - rows[-1][1], None)
-    )
+    both = median_s(g_fwd_bwd, runs)
+    yield "generator backward", tuple(b - f for b, f in zip(both, fwd)), None
     with torch.no_grad():
         y_hat = g(x)
     leaf = y_hat.clone().requires_grad_(True)
@@ -75,20 +76,15 @@ def pieces(run, x, y, runs: int) -> list[tuple[str, float, float | None]]:
         ("mel loss", run.mel_loss, loss_cfg.lambda_mel),
         ("MR-STFT loss", run.mrstft_loss, loss_cfg.lambda_mrstft),
     ):
-        rows.append(
-            (
-                f"{name} forward + backward",
-                median_s(lambda: (weight * loss(leaf, y)).backward(), runs),
-                None,
-            )
-        )
+        t = median_s(lambda: (weight * loss(leaf, y)).backward(), runs)
+        yield f"{name} forward + backward", t, None
     for name, d in (("MPD", run.mpd), ("MSD", run.msd)):
-        fwd = conv_gflop(d, y, y_hat)  # real and fake: each call scores both
+        gflop = conv_gflop(d, y, y_hat)  # real and fake: each call scores both
         d.requires_grad_(False)
         # the generator update: scores of y and y_hat, a gradient into y_hat only (as much
         # work as the fake half of the forward)
         t = median_s(lambda: generator_adv_loss(d(y, leaf)[1]).backward(), runs)
-        rows.append((f"{name}, generator update (frozen)", t, fwd + fwd / 2))
+        yield f"{name}, generator update (frozen)", t, gflop + gflop / 2
         d.requires_grad_(True)
         detached = y_hat.detach()
 
@@ -97,11 +93,16 @@ def pieces(run, x, y, runs: int) -> list[tuple[str, float, float | None]]:
             real, fake, _, _ = d(y, detached)
             discriminator_adv_loss(real, fake).backward()
 
-        rows.append((f"{name}, discriminator update", median_s(d_update, runs), 3 * fwd))
+        yield f"{name}, discriminator update", median_s(d_update, runs), 3 * gflop
+    train_cfg = run.cfg.train
     for name, params, optim, clip in (
-        ("generator", [g.parameters()], run.optim_g, run.cfg.train.grad_clip_g),
-        ("discriminators", [run.mpd.parameters(), run.msd.parameters()], run.optim_d,
-         run.cfg.train.grad_clip_d),
+        ("generator", [g.parameters()], run.optim_g, train_cfg.grad_clip_g),
+        (
+            "discriminators",
+            [run.mpd.parameters(), run.msd.parameters()],
+            run.optim_d,
+            train_cfg.grad_clip_d,
+        ),
     ):
         params = list(itertools.chain(*params))
         for p in params:
@@ -111,8 +112,7 @@ def pieces(run, x, y, runs: int) -> list[tuple[str, float, float | None]]:
             nn.utils.clip_grad_norm_(params, clip)
             optim.step()
 
-        rows.append((f"{name} clipping + AdamW step", median_s(clip_and_step, runs), None))
-    return rows
+        yield f"{name} clipping + AdamW step", median_s(clip_and_step, runs), None
 
 
 def main():
@@ -130,7 +130,7 @@ def main():
     x = y.clone()
     cfg = load_config("cfgs.json", [f"train.batch_size={a.batch}"])
     run = train.build(cfg, scan_impl=a.impl)
-    step = median_s(lambda: train.train_step(run, (x, y)), a.runs)
+    step, step_cpu = median_s(lambda: train.train_step(run, (x, y)), a.runs)
     rate = matmul_gflops()
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(
@@ -142,16 +142,24 @@ def main():
         f"Batch {a.batch} x {a.segment} samples, scan impl {a.impl}; float32 matrix "
         f"product (1024^3 torch.mm) {rate:.0f} GFLOP/s.\n"
     )
-    rows = pieces(run, x, y, a.runs)
-    print("| piece | s | share of the step | conv GFLOP | GFLOP/s |")
-    print("|---|---|---|---|---|")
-    print(f"| train_step (measured whole) | {step:.2f} | 100 % | | |")
-    for name, t, gflop in rows:
+    print(
+        "| piece | wall s | CPU s (all threads) | share (CPU) | conv GFLOP |"
+        " GFLOP per wall s |"
+    )
+    print("|---|---|---|---|---|---|")
+    print(f"| train_step (measured whole) | {step:.2f} | {step_cpu:.2f} | 100 % | | |")
+    total = [0.0, 0.0]
+    for name, (t, t_cpu), gflop in pieces(run, x, y, a.runs):
         flops = f"{gflop:.0f} | {gflop / t:.0f}" if gflop else " | "
-        print(f"| {name} | {t:.2f} | {100 * t / step:.0f} % | {flops} |")
-    total = sum(t for _, t, _ in rows)
-    print(f"| sum of the pieces | {total:.2f} | {100 * total / step:.0f} % | | |")
-
+        print(
+            f"| {name} | {t:.2f} | {t_cpu:.2f} | {100 * t_cpu / step_cpu:.0f} % | {flops} |",
+            flush=True,
+        )
+        total = [total[0] + t, total[1] + t_cpu]
+    print(
+        f"| sum of the pieces | {total[0]:.2f} | {total[1]:.2f} |"
+        f" {100 * total[1] / step_cpu:.0f} % | | |"
+    )
 
 if __name__ == "__main__":
     main()
