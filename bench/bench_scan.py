@@ -104,7 +104,10 @@ def main():
     parser.add_argument(
         "--baseline", metavar="REV", help="also time the compiled kernel of this commit"
     )
+    parser.add_argument("--threads", type=int, default=0, help="0: torch default")
     a = parser.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     baseline = load_baseline(a.baseline) if a.baseline else None
     print(
         f"device: cpu ({platform.processor() or platform.machine()}), torch {torch.__version__}"
