@@ -34,6 +34,7 @@ import functools
 import hashlib
 import math
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -147,6 +148,7 @@ _kernel = None
 _kernel_error = None
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_id():
     # What a -march=native build depends on: a library built on a machine with AVX-512 dies
     # with SIGILL on one without, so the instruction sets are part of the cache key.
@@ -155,8 +157,6 @@ def _cpu_id():
             lines = [line for line in f if line.startswith(("model name", "flags"))]
         return "".join(sorted(set(lines)))
     except OSError:
-        import platform
-
         return platform.processor() + platform.machine()
 
 
