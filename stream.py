@@ -544,12 +544,16 @@ def main(argv=None) -> int:
         "--scan_impl", choices=ssm.IMPLS, default="auto"
     )
     a = parser.parse_args(argv)
-    if a.input_sr <= 0:
-        parser.error(f"--input_sr must be a positive integer, not {a.input_sr}")
     if not 0 < a.gain < float("inf"):
         parser.error(f"--gain must be positive, not {a.gain}")
-    if not a.block_ms > 0:
-        parser.error(f"--block_ms must be positive, not {a.block_ms}")
+    try:
+        # the rules of inference_wav.py's --input_sr and block size
+        inference_wav.check_sample_rate(a.input_sr, "--input_sr")
+        inference_wav.check_seconds(
+            "--block_ms / 1000", a.block_ms / 1000, inference_wav.MIN_BLOCK_SECONDS
+        )
+    except ValueError as e:
+        parser.error(str(e))
     try:
         resolver = inference_wav.SuperResolver.from_pretrained(
             a.checkpoint_file, a.device, a.scan_impl, a.cfgs_path

@@ -398,3 +398,22 @@ def test_bandwidth_meter_in_blocks_equals_the_whole_signal():
             meter.add(x[:, start : start + n])
         # the same segments, so the same spectrum (to float rounding) and the same answer
         assert meter.bandwidth() == inference_wav.detect_bandwidth(x, sr) == cutoff
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--block_ms", "inf"], "--block_ms / 1000 must be a finite number"),
+        (["--block_ms", "nan"], "--block_ms / 1000 must be a finite number"),
+        (["--block_ms", "0.001"], "at least 0.01"),
+        (["--input_sr", "0"], "--input_sr"),
+    ],
+)
+def test_cli_bad_arguments_are_one_line(args, match, capsys):
+    # the rules of inference_wav.py's block size and rates: no OverflowError for inf
+    full = ["--input_sr", "16000", *args] if "--input_sr" not in args else args
+    with pytest.raises(SystemExit) as stop:
+        stream.main(full)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert match in err[-1] and "Traceback" not in "\n".join(err)
