@@ -50,8 +50,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PRETRAINED_PATH = os.path.join(HERE, "checkpoints", "wave_u_mamba_vctk_cpu.pt")
 # Shorter clips carry no usable spectrum and are almost certainly a mistake.
 MIN_SECONDS = 0.01
-# Input per generator pass: memory grows with it (about 0.45 GB per second at 48 kHz on CPU),
-# speed hardly (each pass recomputes a few dozen samples of context).
+# Input per generator pass: memory grows with it (about 0.9 GB peak in all for 2 s blocks on
+# CPU, measured), speed hardly (each pass recomputes a few dozen samples of context).
 BLOCK_SECONDS = 2.0
 # Shorter blocks cost a generator pass each for little audio (0.001 s took 359 s per second
 # of audio); 10 ms is also the default block of a live stream (stream.py --block_ms).
