@@ -587,7 +587,7 @@ def init_generator(run: Run, path: str) -> int | None:
         run.generator.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(
-            f"{path} does not fit the model of this config: {str(e).splitlines()[1]}"
+            f"{path} does not fit the model of this config: {str(e).splitlines()[-1].strip()}"
         ) from None
     return step
 
