@@ -55,7 +55,9 @@ PROTOCOL_TEXT = {
 }
 
 
-def run_generator(generator, x: np.ndarray, peak: float) -> np.ndarray:
+def run_generator(
+    generator, x: np.ndarray, peak: float, lowband_hz: float | None = None
+) -> np.ndarray:
     """Super-resolves one whole utterance exactly as inference_wav.SuperResolver does.
 
     Both run stream.StreamProcessor (here on the whole utterance at once), so what is scored
@@ -67,6 +69,8 @@ def run_generator(generator, x: np.ndarray, peak: float) -> np.ndarray:
         generator: a WaveUMamba in eval mode.
         x: low-resolution input at 48 kHz, float32 [T].
         peak: peak level the model was trained on.
+        lowband_hz: keep the input below this frequency (inference_wav's --keep_lowband), or
+            None for the model's raw output (what papers score).
     Returns:
         y_hat, float32 [T]. Raises ValueError for a silent input (dataset.peak_gains).
     """
@@ -74,7 +78,7 @@ def run_generator(generator, x: np.ndarray, peak: float) -> np.ndarray:
     # so the model gets that level here and the output is scaled back for scoring.
     gain = dataset.peak_gains(np.abs(x).max(), peak, "the low-resolution input")
     sr = utils.SAMPLING_RATE
-    return stream.process_whole(generator, x, sr, sr, gain)
+    return stream.process_whole(generator, x, sr, sr, gain, lowband_hz)
 
 
 def _stft(x: np.ndarray) -> torch.Tensor:
@@ -177,6 +181,7 @@ def evaluate(
     generator=None,
     peak: float = 0.9,
     plot=None,
+    keep_lowband: bool = False,
 ):
     """Scores the baselines (and a model) on every reference x protocol x rate.
 
@@ -189,6 +194,8 @@ def evaluate(
         generator: a WaveUMamba from models.load_generator, or None for baselines only.
         peak: peak level the generator was trained on.
         plot: callable(name, protocol, rate_khz, signals dict) called for each condition, or None.
+        keep_lowband: score the model with the input's own band kept below its Nyquist
+            frequency (inference_wav's --keep_lowband) instead of its raw output.
     Returns:
         Per-file rows: dicts with file, protocol, rate_khz, system ("model", "input", "oracle")
         and the METRICS.
@@ -201,7 +208,8 @@ def evaluate(
                 x = make_input(y, protocol, rate, seed, index)
                 signals = {"input": x, "oracle": oracle(x, y, rate * 500)}
                 if generator is not None:
-                    signals["model"] = run_generator(generator, x, peak)
+                    lowband_hz = rate * 500 if keep_lowband else None
+                    signals["model"] = run_generator(generator, x, peak, lowband_hz)
                 rows += _rows(path, y, signals, protocol, rate, variant)
                 if plot is not None:
                     plot(_name(path), protocol, rate, {"reference": y} | signals)
@@ -382,7 +390,12 @@ def describe(settings: dict) -> str:
             f"- model: {settings['checkpoint']} (step {step}), whole utterance in one pass, "
             "weight norm removed, input zero-padded to a multiple of the model's hop and "
             f"trimmed back, scaled to peak {settings['peak']} for the model and the output "
-            "scaled back"
+            "scaled back; "
+            + (
+                "the input's own band kept below rate/2 (--keep_lowband)"
+                if settings["model_output"] == "keep_lowband"
+                else "the model's raw output (what papers score)"
+            )
         )
     elif settings["mode"] == "outputs":
         lines.append(
@@ -562,6 +575,12 @@ def main(argv=None) -> str:
     parser.add_argument(
         "--variant", default="field", help="LSD variant: field or authors"
     )
+    parser.add_argument(
+        "--keep_lowband",
+        action="store_true",
+        help="with --checkpoint: score the output with the input's own band kept below its "
+        "Nyquist frequency (inference_wav's default) instead of the model's raw output",
+    )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--out", help="folder for evaluate.csv and evaluate.json")
     parser.add_argument("--plots", help="folder for spectrogram and bar-chart figures")
@@ -614,6 +633,8 @@ def _run(a) -> tuple[str, list[dict]]:
         raise ValueError("give both --protocol and --rate, or neither")
     if a.cfgs_path and not a.checkpoint:
         raise ValueError("--cfgs_path needs --checkpoint")
+    if a.keep_lowband and not a.checkpoint:
+        raise ValueError("--keep_lowband needs --checkpoint")
     if a.out:
         _prepare_folder("--out", a.out, ("evaluate.csv", "evaluate.json"))
     if a.plots:
@@ -651,9 +672,22 @@ def _run(a) -> tuple[str, list[dict]]:
         if a.checkpoint:
             generator, cfg, step = models.load_generator(a.checkpoint, a.cfgs_path)
             peak = cfg.audio.peak
-            settings |= {"checkpoint": a.checkpoint, "step": step, "peak": peak}
+            settings |= {
+                "checkpoint": a.checkpoint,
+                "step": step,
+                "peak": peak,
+                "model_output": "keep_lowband" if a.keep_lowband else "raw",
+            }
         rows = evaluate(
-            references, protocols, rates, a.variant, a.seed, generator, peak, plot
+            references,
+            protocols,
+            rates,
+            a.variant,
+            a.seed,
+            generator,
+            peak,
+            plot,
+            a.keep_lowband,
         )
     summary = summarise(rows)
     report = describe(settings) + "\n\n" + format_table(summary)

@@ -233,6 +233,42 @@ def test_checkpoint_mode_end_to_end_with_a_tiny_generator(tmp_path):
     assert (tmp_path / "plots" / "lsd_8k.png").stat().st_size > 0
 
 
+def test_keep_lowband_scores_the_output_with_the_input_band_kept(tmp_path):
+    refs = write_clips(tmp_path / "refs", ["a"], n=24000)
+    ckpt = tiny_checkpoint(tmp_path)
+    common = ["--references", str(tmp_path / "refs"), "--checkpoint", ckpt]
+    common += ["--protocols", "sinc", "--rates", "8", "--seed", "1"]
+    evaluate.main(common + ["--out", str(tmp_path / "raw")])
+    report = evaluate.main(common + ["--keep_lowband", "--out", str(tmp_path / "kept")])
+    assert "--keep_lowband" in report
+
+    def model_row(folder):
+        results = json.loads((tmp_path / folder / "evaluate.json").read_text())
+        return results, [r for r in results["per_file"] if r["system"] == "model"][0]
+
+    raw_results, raw = model_row("raw")
+    kept_results, kept = model_row("kept")
+    assert raw_results["settings"]["model_output"] == "raw"
+    assert kept_results["settings"]["model_output"] == "keep_lowband"
+    # The scored output is the stream processor's with the low band of the input kept: the
+    # untrained model's low band is wrong, the input's is the reference's, so LSD-LF falls.
+    generator, cfg, _ = models.load_generator(ckpt)
+    x = evaluate.make_input(refs["a"], "sinc", 8, seed=1, index=0)
+    y_kept = evaluate.run_generator(generator, x, cfg.audio.peak, lowband_hz=4000)
+    assert kept["lsd"] == pytest.approx(
+        metrics.lsd(refs["a"], y_kept, cutoff_hz=4000)["lsd"], rel=1e-5
+    )
+    assert kept["lsd_lf"] < raw["lsd_lf"]
+
+
+def test_keep_lowband_needs_a_checkpoint(tmp_path, capsys):
+    write_clips(tmp_path / "refs", ["a"], n=6001)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--references", str(tmp_path / "refs"), "--keep_lowband"])
+    assert e.value.code == 1
+    assert "--keep_lowband needs --checkpoint" in capsys.readouterr().err
+
+
 def test_run_generator_pads_to_the_hop_and_restores_the_level(tmp_path):
     generator, cfg, _ = models.load_generator(tiny_checkpoint(tmp_path))
     x = speechlike(1000, seed=3) * 0.1  # 1000: not a multiple of the hop
