@@ -65,3 +65,44 @@ def test_export_rejects_a_malformed_generator_in_one_line(tmp_path, capsys):
     code = export_model.main(["--checkpoint_file", str(bad), "--output", out])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "named tensors" in err
+
+
+def test_curve_reads_every_stretch_of_a_resumed_run(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    generator, cfg = tiny_generator(seed=3)
+    save_g(tmp_path / "g_00000300", generator, cfg)
+    logs = tmp_path / "logs"
+    first = SummaryWriter(str(logs))
+    for step, value in [(100, 1.6), (200, 1.5), (300, 1.45)]:
+        first.add_scalar("validation/lsd", value, step)
+        first.add_scalar("train/mel", 9.0, step)
+    first.close()
+    # A second stretch resumed from step 200: its step 300 replaces the first one's.
+    second = SummaryWriter(str(logs), purge_step=201)
+    for step, value in [(300, 1.4), (400, 1.3)]:
+        second.add_scalar("validation/lsd", value, step)
+    second.close()
+    png = tmp_path / "docs" / "curve.png"
+    png.parent.mkdir()
+    code = export_model.main(
+        ["--checkpoint_file", str(tmp_path / "g_00000300"), "--output", str(tmp_path / "m.pt")]
+        + ["--logs", str(logs), "--curve", str(png)]
+    )
+    assert code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "1.600 (100), 1.500 (200), 1.400 (300), 1.300 (400)" in out
+
+
+def test_curve_needs_validation_scalars(tmp_path, capsys):
+    generator, cfg = tiny_generator(seed=3)
+    save_g(tmp_path / "g_00000007", generator, cfg)
+    (tmp_path / "logs").mkdir()
+    common = ["--checkpoint_file", str(tmp_path / "g_00000007"), "--output", str(tmp_path / "m.pt")]
+    assert export_model.main(common + ["--logs", str(tmp_path / "logs")]) == 1
+    assert "give --logs and --curve together" in capsys.readouterr().err
+    code = export_model.main(common + ["--logs", str(tmp_path / "logs"), "--curve", "c.png"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no validation/lsd scalars" in err
