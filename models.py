@@ -60,8 +60,21 @@ class MambaResidualBlock(nn.Module):
         # x: [B, L, C]
         return x + self.mamba(self.norm(x))
 
+    def forward_stream(self, x, state=None):
+        """forward() on the next steps of a sequence, carrying the Mamba's state
+        (ssm.Mamba.forward_stream): returns (y [B, L, C], state)."""
+        y, state = self.mamba.forward_stream(self.norm(x), state)
+        return x + y, state
+
 
 class MambaStack(nn.Module):
+    # On CPU without gradients (inference, validation) a sequence goes through in pieces of
+    # CHUNK_STEPS steps, every block carrying its state from piece to piece: the same result as
+    # one pass, with each intermediate small enough to stay in cache (bench_model: 1.3x faster
+    # on 10 s). Training keeps the one pass, through which the scan's backward runs, and so
+    # does CUDA, whose scan (mamba_ssm's) cannot start from a state.
+    CHUNK_STEPS = 4096
+
     def __init__(self, channels, n_blocks, d_state, d_conv, expand, scan_impl):
         super().__init__()
         self.blocks = nn.ModuleList(
@@ -73,10 +86,31 @@ class MambaStack(nn.Module):
 
     def forward(self, x):
         # x: [B, C, L]
+        if x.device.type == "cpu" and not torch.is_grad_enabled():
+            return self.forward_stream(x)[0]
         x = x.transpose(1, 2)  # [B, L, C]
         for block in self.blocks:
             x = block(x)
         return x.transpose(1, 2)  # [B, C, L]
+
+    def forward_stream(self, x, states=None):
+        """The stack on the next steps of a sequence, carrying every block's state.
+
+        Args:
+            x: [B, C, n], the steps after those of the earlier calls.
+            states: None at the start, else what the previous call returned.
+        Returns:
+            (y [B, C, n], states): calls on consecutive pieces give what forward() on the
+            whole sequence gives.
+        """
+        states = list(states or [None] * len(self.blocks))
+        pieces = []
+        for start in range(0, x.shape[-1], self.CHUNK_STEPS):
+            h = x[..., start : start + self.CHUNK_STEPS].transpose(1, 2)  # [B, n, C]
+            for i, block in enumerate(self.blocks):
+                h, states[i] = block.forward_stream(h, states[i])
+            pieces.append(h.transpose(1, 2))
+        return (torch.cat(pieces, dim=-1) if pieces else x), states
 
 
 class ConvUnit(nn.Module):

@@ -180,19 +180,13 @@ class MambaStackStream:
     """A models.MambaStack run block by block, carrying each Mamba's state."""
 
     def __init__(self, stack):
-        self.blocks = list(stack.blocks)
-        self.states = [None] * len(self.blocks)
+        self.stack = stack
+        self.states = None
 
     def step(self, x: torch.Tensor, final: bool) -> torch.Tensor:
         # x: [B, C, n]
-        if x.shape[-1] == 0:
-            return x
-        h = x.transpose(1, 2)  # [B, n, C]
-        for i, block in enumerate(self.blocks):
-            # MambaResidualBlock.forward, with the state carried: x + mamba(norm(x))
-            y, self.states[i] = block.mamba.forward_stream(block.norm(h), self.states[i])
-            h = h + y
-        return h.transpose(1, 2)  # [B, C, n]
+        y, self.states = self.stack.forward_stream(x, self.states)
+        return y
 
 
 class Chain:

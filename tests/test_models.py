@@ -10,6 +10,8 @@ import torch
 
 from models import (
     ChannelLayerNorm,
+    MambaResidualBlock,
+    MambaStack,
     MultiPeriodDiscriminator,
     MultiScaleDiscriminator,
     WaveUMamba,
@@ -142,6 +144,35 @@ def test_remove_weight_norm_keeps_output():
         after = g(x)
     assert not any("parametrizations" in k for k in g.state_dict())
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["compiled", "torch"])
+def test_mamba_stack_without_gradients_runs_in_pieces_with_the_same_result(
+    impl, monkeypatch
+):
+    # Inference carries the state across pieces of CHUNK_STEPS steps; training runs one pass.
+    # 250 steps in pieces of 64: three whole pieces and a ragged one.
+    monkeypatch.setattr(MambaStack, "CHUNK_STEPS", 64)
+    torch.manual_seed(0)
+    stack = MambaStack(8, 2, d_state=4, d_conv=4, expand=2, scan_impl=impl)
+    x = torch.randn(2, 8, 250)
+    pieces = []
+    original = MambaResidualBlock.forward_stream
+    monkeypatch.setattr(
+        MambaResidualBlock,
+        "forward_stream",
+        lambda self, h, state=None: pieces.append(h.shape[1]) or original(self, h, state),
+    )
+    with torch.no_grad():
+        chunked = stack(x)
+    one_pass = stack(x).detach()  # gradients enabled: one pass
+    assert pieces == [64, 64, 64, 64, 64, 64, 58, 58]  # each piece through both blocks
+    torch.testing.assert_close(chunked, one_pass, rtol=1e-5, atol=1e-6)
+    # and the one pass is the blocks applied in order
+    h = x.transpose(1, 2)
+    for block in stack.blocks:
+        h = h + block.mamba(block.norm(h))
+    torch.testing.assert_close(one_pass, h.transpose(1, 2).detach())
 
 
 def test_state_dict_round_trip():
