@@ -10,15 +10,19 @@ From Python:
     sr = SuperResolver.from_pretrained("cp_x/g_00100000")
     audio_48k, rate = sr.upsample(audio, 8000)
 
-Per file (any format soundfile reads, any rate, any number of channels), read twice in blocks
-of BLOCK_SECONDS so that memory does not grow with the file: a first pass measures each
-channel's peak (and, for --keep_lowband, the bandwidth); the second runs `stream.StreamProcessor`:
-soxr to 48 kHz -> a gain per channel (the one that brings its peak to cfg.audio.peak, as in
-training, or a fixed --gain) -> the generator, giving exactly what one pass over the whole file
-gives (no chunks, no seams) -> the gain undone -> optionally the input's own content below its
-bandwidth put back (--keep_lowband) -> a 16-bit (scaled down with a warning if it would clip) or
-float32 WAV, written atomically. Inputs are only ever read. `python stream.py` is the same
-processor on a live stream.
+Per file (any format soundfile reads, any rate, any number of channels), read twice in blocks of
+BLOCK_SECONDS so that memory does not grow with the file: a first pass measures each channel's
+peak (and the bandwidth, unless --input_sr gives it or --no-keep_lowband is set); the second
+runs `stream.StreamProcessor`: soxr to 48 kHz -> a gain per channel (the one that brings its
+peak to cfg.audio.peak, as in training, or a fixed --gain) -> the generator, giving exactly what
+one pass over the whole file gives (no chunks, no seams) -> the gain undone -> the input's own
+content below its bandwidth put back (default; --no-keep_lowband: the model's raw output) -> a
+16-bit (scaled down with a warning if it would clip) or float32 WAV, written atomically. Inputs
+are only ever read. `python stream.py` is the same processor on a live stream.
+
+The input's own band is kept by default because the model's rewrite of it is worse than the
+input itself (LSD-LF about 1.0 against near 0); evaluate.py scores the raw output by default,
+as papers do.
 
 The four flags and the output name are those of infected4098/Wave-U-Mamba's inference_wav.py
 (MIT); the code is our own.
@@ -316,7 +320,7 @@ class SuperResolver:
         audio: np.ndarray | torch.Tensor,
         sr: int,
         input_sr: int | str | None = None,
-        keep_lowband: bool = False,
+        keep_lowband: bool = True,
         progress: Callable[[float], None] | None = None,
         gain: float | None = None,
     ) -> tuple[np.ndarray, int]:
@@ -330,7 +334,8 @@ class SuperResolver:
                 for a 48 kHz file that was once 8 kHz audio); None or "auto": detect it with
                 `detect_bandwidth`. Only `keep_lowband` uses it.
             keep_lowband: keep the input's own content below its bandwidth and take only the
-                band above from the model (see stream.LowbandStream).
+                band above from the model (see stream.LowbandStream); False: the model's raw
+                output, the input's band rewritten too.
             progress: called with the fraction done (0-1) after each generator pass; an
                 exception it raises stops the work and propagates (how serve.py cancels).
             gain: a fixed input gain in place of the per-channel peak normalisation (the
@@ -365,7 +370,7 @@ class SuperResolver:
         out: str,
         fmt: str = "pcm16",
         input_sr: int | str | None = None,
-        keep_lowband: bool = False,
+        keep_lowband: bool = True,
         gain: float | None = None,
     ) -> None:
         """Super-resolves an audio file into a 48 kHz WAV: `upsample` and `write_audio` on the
@@ -613,13 +618,15 @@ def _parse_args(argv) -> argparse.Namespace:
     parser.add_argument(
         "--input_sr",
         default="auto",
-        help="for --keep_lowband: the rate whose Nyquist frequency is the input's real "
+        help="for keep_lowband: the rate whose Nyquist frequency is the input's real "
         "bandwidth (8000 for audio that was once 8 kHz), or auto to detect it",
     )
     parser.add_argument(
         "--keep_lowband",
-        action="store_true",
-        help="keep the input's own content below its bandwidth; the model adds the rest",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the input's own content below its bandwidth and take only the band above "
+        "it from the model (default; --no-keep_lowband: the model's raw output)",
     )
     parser.add_argument(
         "--gain",

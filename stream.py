@@ -14,7 +14,8 @@ on the block only.
 
 reads raw 16-bit little-endian mono PCM at --input_sr on stdin and writes raw 16-bit mono PCM at
 48 kHz on stdout as it goes, e.g. arecord -r 8000 -f S16_LE -c 1 | python stream.py --input_sr
-8000 | aplay -r 48000 -f S16_LE -c 1.
+8000 | aplay -r 48000 -f S16_LE -c 1. It keeps the input's own band below input_sr / 2 and takes
+only the band above from the model (--no-keep_lowband: the model's raw output).
 """
 
 import argparse
@@ -522,8 +523,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--keep_lowband",
-        action="store_true",
-        help="keep the input's own band (below input_sr / 2); the model adds the rest",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the input's own band (below input_sr / 2) and take only the band above it "
+        "from the model (default; at --input_sr 48000 that is the whole input, so the output "
+        "is the input; --no-keep_lowband: the model's raw output)",
     )
     parser.add_argument(
         "--block_ms",

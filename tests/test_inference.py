@@ -175,6 +175,31 @@ def test_cli_glob_float_and_keep_lowband(tmp_path, ckpt, capsys, monkeypatch):
     assert "error" not in err and "warning" not in err
 
 
+def test_cli_keeps_the_input_band_by_default_and_no_keep_lowband_gives_the_raw_output(
+    tmp_path, ckpt, resolver
+):
+    x = noise(0.1, 8000)
+    sf.write(tmp_path / "in.wav", x, 8000, subtype="FLOAT")
+    outputs = {}
+    for flag in (None, "--keep_lowband", "--no-keep_lowband"):
+        out = tmp_path / str(flag)
+        code = inference_wav.main(
+            ["--wav_path", str(tmp_path / "in.wav"), "--output_dir", str(out)]
+            + ["--checkpoint_file", ckpt, "--device", "cpu", "--format", "float"]
+            + ([flag] if flag else [])
+        )
+        assert code == 0
+        outputs[flag], _ = sf.read(out / "in_superresolved.wav", dtype="float32")
+    kept, _ = resolver.upsample(x, 8000, keep_lowband=True)
+    raw, _ = resolver.upsample(x, 8000, keep_lowband=False)
+    np.testing.assert_array_equal(resolver.upsample(x, 8000)[0], kept)
+    np.testing.assert_allclose(outputs[None], kept, atol=1e-6)
+    np.testing.assert_allclose(outputs["--keep_lowband"], kept, atol=1e-6)
+    np.testing.assert_allclose(outputs["--no-keep_lowband"], raw, atol=1e-6)
+    # the tiny random model rewrites the band the input has, so the two really differ
+    assert np.sqrt(np.mean((kept - raw) ** 2)) > 0.1 * np.sqrt(np.mean(raw**2))
+
+
 def test_cli_no_pretrained_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(inference_wav, "PRETRAINED_PATH", str(tmp_path / "none.pt"))
     sf.write(tmp_path / "a.wav", noise(0.05), 48000)
@@ -318,14 +343,14 @@ def test_blocks_match_one_pass(ckpt, resolver):
     with torch.no_grad():
         padded = torch.from_numpy(np.pad(x * gain, (0, -len(x) % 16)))
         expected = generator(padded[None, None])[0, 0, : len(x)].numpy() / gain
-    y, _ = blocks.upsample(x, 48000)
+    y, _ = blocks.upsample(x, 48000, keep_lowband=False)
     assert np.sqrt(np.mean((expected - x) ** 2)) > 0.05
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_keep_lowband_keeps_the_input_below_the_cutoff(resolver):
     x = band_limit(noise(0.1), 4000)
-    y_model, _ = resolver.upsample(x, 48000)
+    y_model, _ = resolver.upsample(x, 48000, keep_lowband=False)
     y_keep, _ = resolver.upsample(x, 48000, input_sr="auto", keep_lowband=True)
     f, _, X = scipy.signal.stft(x, 48000, nperseg=512)
     _, _, M = scipy.signal.stft(y_model, 48000, nperseg=512)
@@ -380,7 +405,9 @@ def test_scan_impl_reaches_the_model(ckpt, resolver):
     x = noise(0.02)
     torch_scan = SuperResolver.from_pretrained(ckpt, device="cpu", scan_impl="torch")
     np.testing.assert_allclose(
-        torch_scan.upsample(x, 48000)[0], resolver.upsample(x, 48000)[0], atol=1e-4
+        torch_scan.upsample(x, 48000, keep_lowband=False)[0],
+        resolver.upsample(x, 48000, keep_lowband=False)[0],
+        atol=1e-4,
     )
     with pytest.raises(ValueError, match="impl"):
         SuperResolver.from_pretrained(ckpt, device="cpu", scan_impl="nope").upsample(
@@ -423,7 +450,7 @@ def test_shortest_clip_is_accepted(resolver):
 def test_ddp_bare_and_plain_checkpoints_load_identically(tmp_path, ckpt, resolver):
     state = utils.load_checkpoint(ckpt)
     x = noise(0.05)
-    expected, _ = resolver.upsample(x, 48000)
+    expected, _ = resolver.upsample(x, 48000, keep_lowband=False)
     ddp = {"module." + k: v for k, v in state["generator"].items()}
     utils.save_checkpoint(str(tmp_path / "g_ddp"), {**state, "generator": ddp})
     (tmp_path / "bare").mkdir()
@@ -441,7 +468,8 @@ def test_ddp_bare_and_plain_checkpoints_load_identically(tmp_path, ckpt, resolve
     )
     for name in ("g_ddp", "bare/generator.pt", "g_plain"):
         loaded = SuperResolver.from_pretrained(str(tmp_path / name), device="cpu")
-        np.testing.assert_allclose(loaded.upsample(x, 48000)[0], expected, atol=1e-6)
+        y, _ = loaded.upsample(x, 48000, keep_lowband=False)
+        np.testing.assert_allclose(y, expected, atol=1e-6)
     # a bare state_dict with no config beside it falls back to the full-size cfgs.json
     shutil.copy(tmp_path / "bare" / "generator.pt", tmp_path / "lonely.pt")
     with pytest.raises(ValueError, match="does not fit"):
@@ -469,7 +497,9 @@ def test_pretrained_checksum_and_float16(tmp_path, ckpt, resolver, monkeypatch):
     assert all(p.dtype == torch.float32 for p in loaded.generator.parameters())
     x = noise(0.05)
     np.testing.assert_allclose(
-        loaded.upsample(x, 48000)[0], resolver.upsample(x, 48000)[0], atol=0.02
+        loaded.upsample(x, 48000, keep_lowband=False)[0],
+        resolver.upsample(x, 48000, keep_lowband=False)[0],
+        atol=0.02,
     )
 
 

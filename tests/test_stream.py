@@ -278,7 +278,7 @@ def test_validation_and_evaluation_score_what_inference_returns(tmp_path, tiny):
     scores = train.validate(run)
     x, y, ratio, _ = run.valid_set[0]
     resolver = inference_wav.SuperResolver(tiny, cfg, torch.device("cpu"), 0.01)
-    users, _ = resolver.upsample(x[0].numpy(), 48000)
+    users, _ = resolver.upsample(x[0].numpy(), 48000, keep_lowband=False)
     scored = evaluate.run_generator(tiny, x[0].numpy(), cfg.audio.peak)
     assert_relative(scored, users)
     expected = metrics.lsd(y[0], users, 48000, cutoff_hz=4000)
@@ -329,19 +329,26 @@ def run_cli(args, feed: bytes, rng, close_after: int | None = None):
     return proc.wait(timeout=300), bytes(out), err
 
 
-def test_cli_stream_equals_inference_wav(tmp_path, shipped):
-    # Done-when of issue 11: a 48 kHz 16-bit recording through `stream.py --gain 1` in random
-    # pieces gives inference_wav.py --gain 1 --format float's samples to 16-bit rounding.
-    x = (speech_like(0.3, 48000, seed=7) * 32768).round().astype("<i2")
-    sf.write(tmp_path / "in.wav", x, 48000, subtype="PCM_16")
+@pytest.mark.parametrize(
+    "rate, flags",
+    # at 48 kHz the input's own band is all of it: the model is heard only without it
+    [(48000, ["--no-keep_lowband"]), (8000, [])],
+)
+def test_cli_stream_equals_inference_wav(tmp_path, shipped, rate, flags):
+    # Done-when of issue 11: a 16-bit recording through `stream.py --gain 1` in random pieces
+    # gives inference_wav.py --gain 1 --format float's samples to 16-bit rounding; with the
+    # input's band kept (the default of both) or not.
+    x = (speech_like(0.3, rate, seed=7) * 32768).round().astype("<i2")
+    sf.write(tmp_path / "in.wav", x, rate, subtype="PCM_16")
     code = inference_wav.main(
         ["--wav_path", str(tmp_path / "in.wav"), "--output_dir", str(tmp_path)]
         + ["--gain", "1", "--format", "float", "--device", "cpu"]
+        + flags
     )
     assert code == 0
     y, sr = sf.read(tmp_path / "in_superresolved.wav", dtype="float32")
     code, out, err = run_cli(
-        ["--input_sr", "48000", "--gain", "1", "--device", "cpu"],
+        ["--input_sr", str(rate), "--gain", "1", "--device", "cpu"] + flags,
         x.tobytes(),
         np.random.default_rng(0),
     )
