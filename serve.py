@@ -7,15 +7,17 @@ loads the model once and serves, on 127.0.0.1:8000 by default:
 - `/`: a page to pick, drop or record a file, see its detected bandwidth and the progress, compare
   spectrograms, listen to both and download the result, or run the microphone live through the
   model with its latency shown (static/, nothing from other hosts);
-- `POST /v1/superresolve`: a multipart audio file -> audio/wav at 48 kHz;
+- `POST /v1/superresolve`: a multipart audio file -> audio/wav at 48 kHz, the input's own band
+  kept and only the band above it from the model (keep_lowband=false: the model's raw output);
 - `POST /v1/jobs`, `GET /v1/jobs/{id}`, `GET /v1/jobs/{id}/result`,
   `GET /v1/jobs/{id}/spectrogram/{input|output}`, `DELETE /v1/jobs/{id}`: the same for long files,
   with progress; finished jobs expire;
-- `WS /v1/stream?sr=N[&gain=G][&keep_lowband=true]`: live super-resolution through
-  `SuperResolver.stream`: binary messages of float32 little-endian mono samples at N Hz in (at
-  most 1 s each), binary float32 samples at 48 kHz out as soon as they are final; the text
-  message "end" sends the rest and closes. Errors: a text message {"error": "..."}, then close
-  1008 (1013 while all `max_streams` are in use);
+- `WS /v1/stream?sr=N[&gain=G][&keep_lowband=false]`: live super-resolution through
+  `SuperResolver.stream`, the input's own band below N / 2 kept (keep_lowband=false: the model's
+  raw output): binary messages of float32 little-endian mono samples at N Hz in (at most 1 s each),
+  binary float32 samples at 48 kHz out as soon as they are final; the text message "end" sends the
+  rest and closes. Errors: a text message {"error": "..."}, then close 1008 (1013 while all
+  `max_streams` are in use);
 - `GET /healthz`, and the OpenAPI page at `/docs` (served from local files).
 
 All inference goes through `inference_wav.SuperResolver` on one worker thread fed by a bounded
@@ -423,8 +425,11 @@ async def read_upload(service: Service, upload: UploadFile) -> tuple[np.ndarray,
 def form_options(
     keep_lowband: Annotated[
         bool,
-        Form(description="keep the input's own band; the model adds only what lies above"),
-    ] = False,
+        Form(
+            description="keep the input's own band; the model adds only what lies above "
+            "(false: the model's raw output)"
+        ),
+    ] = True,
     input_sr: Annotated[
         str,
         Form(
@@ -720,7 +725,7 @@ def add_stream_route(app: FastAPI, service: Service) -> None:
         websocket: WebSocket,
         sr: Annotated[int, Query(gt=0, le=MAX_STREAM_RATE)],
         gain: Annotated[float, Query(gt=0, allow_inf_nan=False)] = stream.DEFAULT_GAIN,
-        keep_lowband: bool = False,
+        keep_lowband: bool = True,
     ):
         """Live super-resolution (see the module docstring for the protocol)."""
         await websocket.accept()

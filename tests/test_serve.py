@@ -51,7 +51,7 @@ class CountingResolver(SuperResolver):
         self.gate = threading.Event()
         self.gate.set()
 
-    def upsample(self, audio, sr, input_sr=None, keep_lowband=False, progress=None, **kwargs):
+    def upsample(self, audio, sr, input_sr=None, keep_lowband=True, progress=None, **kwargs):
         def counted(fraction):
             self.passes += 1
             assert self.gate.wait(TIMEOUT)
@@ -194,13 +194,14 @@ def test_upsample_reports_progress_and_stops_when_the_hook_raises(ckpt):
     "sr, channels, options",
     [
         (8000, None, {}),
+        (8000, None, {"keep_lowband": "false"}),
         (44100, 2, {"keep_lowband": "true", "input_sr": "16000"}),
         (16000, None, {"keep_lowband": "true"}),
     ],
 )
 def test_superresolve_returns_the_apis_result(resolver, sr, channels, options):
     audio = clip(0.25, sr, channels)
-    keep = options.get("keep_lowband") == "true"
+    keep = options.get("keep_lowband", "true") == "true"
     input_sr = int(options["input_sr"]) if "input_sr" in options else None
     expected, _ = resolver.upsample(audio, sr, input_sr, keep)
     with client_for(resolver) as client:
@@ -216,6 +217,21 @@ def test_superresolve_returns_the_apis_result(resolver, sr, channels, options):
     assert y.shape == np.atleast_2d(expected).shape
     assert y.shape[1] == round(audio.shape[-1] * 48000 / sr)
     np.testing.assert_array_equal(y, np.atleast_2d(expected))
+
+
+def test_the_input_band_is_kept_unless_the_raw_output_is_asked_for(resolver):
+    audio = clip(0.25, 8000)
+    kept, _ = resolver.upsample(audio, 8000, keep_lowband=True)
+    raw, _ = resolver.upsample(audio, 8000, keep_lowband=False)
+    # the tiny random model rewrites the band the input has, so the two really differ
+    assert np.sqrt(np.mean((kept - raw) ** 2)) > 0.1 * np.sqrt(np.mean(raw**2))
+    with client_for(resolver) as client:
+        for options, expected in (({}, kept), ({"keep_lowband": "false"}, raw)):
+            response = client.post(
+                "/v1/superresolve", **upload(wav_bytes(audio, 8000), format="float", **options)
+            )
+            assert response.status_code == 200, response.text
+            np.testing.assert_array_equal(decode(response)[0][0], expected)
 
 
 def test_superresolve_pcm16_by_default_and_reports_the_bandwidth(resolver):
@@ -458,7 +474,11 @@ def stream_through(client, query, blocks):
 
 @pytest.mark.parametrize(
     "query, gain, lowband_hz",
-    [("", 1.0, None), ("&gain=4&keep_lowband=true", 4.0, 4000)],
+    [
+        ("", 1.0, 4000),  # the input's own band is kept by default
+        ("&keep_lowband=false", 1.0, None),
+        ("&gain=4&keep_lowband=true", 4.0, 4000),
+    ],
 )
 def test_stream_gives_what_the_stream_processor_gives(resolver, query, gain, lowband_hz):
     audio = clip(0.3, 8000, seed=5)
@@ -585,6 +605,9 @@ def test_page_docs_and_health(resolver):
         page = client.get("/")
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
         assert '<script src="/static/app.js">' in page.text
+        # the page asks for what the API does by default: the input's own band kept
+        for checkbox in ("keep_lowband", "live-lowband"):
+            assert re.search(rf'<input id="{checkbox}" type="checkbox" checked>', page.text)
         for asset in ("/static/app.js", "/static/style.css"):
             assert client.get(asset).status_code == 200
         assert_error(client.get("/static/missing.js"), 404)
