@@ -397,7 +397,7 @@ class SuperResolver:
             # a silent channel of a multichannel file stays silent
             for _, block in dataset.read_audio_blocks(path, self.block_seconds):
                 yield np.where(peaks[:, None] > 0, processor.process(block), 0)
-                stream.release_free_memory()
+                utils.release_free_memory()
             yield np.where(peaks[:, None] > 0, processor.flush(), 0)
 
         write_audio_blocks(out, outputs(), len(peaks), fmt, path)

@@ -232,8 +232,20 @@ def _load_kernel():
         getattr(lib, f"conv_bwd_{suffix}").argtypes = (
             [p] * 4 + [i64] * 4 + [p] * 3 + [i32]
         )
+        getattr(lib, f"norm_fwd_{suffix}").argtypes = (
+            [p] * 3 + [i64] * 3 + [ctypes.c_double] * 2 + [p, i32]
+        )
     _kernel = lib
     return lib
+
+
+def compiled_kernel_available() -> bool:
+    """Whether the compiled CPU kernel builds and loads here (built on the first call)."""
+    try:
+        _load_kernel()
+        return True
+    except RuntimeError:
+        return False
 
 
 def _ptr(t):
@@ -566,6 +578,31 @@ def _project(weight, x):
     # this layout directly; matmul computes the transpose and copies (30-40% slower with
     # backward, measured).
     return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
+def channel_norm_compiled(x, weight, bias, eps, negative_slope=None):
+    """LayerNorm over dim 1 of x [B, C, L] (affine), then LeakyReLU when negative_slope is
+    given, in one pass of the compiled kernel; forward only (no autograd), CPU float32 or
+    float64. models.ChannelLayerNorm uses it for inference; its PyTorch forward is the
+    reference."""
+    lib = _load_kernel()
+    x = x.contiguous()
+    # named, so that converted copies live until the kernel returns
+    weight = weight.to(x.dtype).contiguous()
+    bias = bias.to(x.dtype).contiguous()
+    suffix = "f32" if x.dtype == torch.float32 else "f64"
+    out = torch.empty_like(x)
+    getattr(lib, f"norm_fwd_{suffix}")(
+        _ptr(x),
+        _ptr(weight),
+        _ptr(bias),
+        *x.shape,
+        eps,
+        1.0 if negative_slope is None else negative_slope,
+        _ptr(out),
+        torch.get_num_threads(),
+    )
+    return out
 
 
 class Mamba(nn.Module):

@@ -19,8 +19,6 @@ only the band above from the model (--no-keep_lowband: the model's raw output).
 """
 
 import argparse
-import ctypes
-import functools
 import os
 import sys
 
@@ -44,24 +42,6 @@ DEFAULT_GAIN = 1.0
 # top CROSSOVER_WIDTH of the input's band; below it the output is the input to within -80 dB.
 CROSSOVER_WIDTH = 0.1
 CROSSOVER_ATTENUATION_DB = 80.0
-
-
-@functools.cache
-def _malloc_trim():
-    # glibc's malloc_trim, or None where the C library has none
-    return getattr(ctypes.CDLL(None), "malloc_trim", None)
-
-
-def release_free_memory() -> None:
-    """Hands the memory freed by a block's tensors back to the system (glibc only).
-
-    glibc keeps freed memory for reuse, and blocks whose buffers differ a little in size
-    fragment it: without this a 10-minute file peaked at 1.21 GB against a 1-minute file's
-    0.96 GB (2 s blocks, measured); with it at 0.87 GB against 0.95 GB.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -281,7 +261,7 @@ class GeneratorStream:
         for stages, norm in zip(self.downs, self.generator.down_norms):
             h = stages.step(h, final)
             skips.append(h)
-            h = F.leaky_relu(norm(h), LRELU_SLOPE)
+            h = norm(h, LRELU_SLOPE)
         h = self.generator.bottleneck_norm(self.bottleneck.step(h, final))
         for skip_add, stages, skip in zip(self.skip_adds, self.ups, skips[::-1]):
             h = stages.step(skip_add.step(h, skip, final), final)

@@ -5,7 +5,9 @@ and known: a typo stops the run with its dotted name instead of silently creatin
 """
 
 import contextlib
+import ctypes
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -571,6 +573,41 @@ def print_error(error, program: str | None = None) -> None:
     """The scripts' one-line error on stderr: "[program: ]error: <message on one line>"."""
     prefix = f"{program}: " if program else ""
     print(f"{prefix}error: {one_line(error)}", file=sys.stderr)
+
+
+@functools.cache
+def _glibc():
+    # the C library when it is glibc (it has mallopt and malloc_trim), else None
+    libc = ctypes.CDLL(None)
+    has_both = hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")
+    return libc if has_both else None
+
+
+def keep_freed_memory() -> None:
+    """Lets glibc reuse freed blocks of any size up to 1 GB instead of unmapping them.
+
+    By default glibc serves every block over 32 MB from a fresh mmap and unmaps it when it is
+    freed, so each layer of the generator on a long input page-faults its whole output in
+    again (about 50 ms for 61 MB here): the generator on 10 s of audio ran 1.2x faster with
+    this (bench_model), at the same peak memory. release_free_memory still trims on request.
+    """
+    libc = _glibc()
+    if libc is not None:
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+        libc.mallopt(m_mmap_threshold, 1 << 30)
+        libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+def release_free_memory() -> None:
+    """Hands the memory freed by a block's tensors back to the system (glibc only).
+
+    glibc keeps freed memory for reuse, and blocks whose buffers differ a little in size
+    fragment it: without this a 10-minute file peaked at 1.21 GB against a 1-minute file's
+    0.96 GB (2 s blocks, measured); with it at 0.87 GB against 0.95 GB.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def pyplot():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import ssm
 from models import (
     ChannelLayerNorm,
     MambaResidualBlock,
@@ -65,17 +66,43 @@ def test_defaults_equal_config():
     assert defaults == dataclasses.asdict(load_config(str(CFG_PATH)).model)
 
 
-def test_channel_layer_norm_matches_layer_norm():
+@pytest.mark.parametrize("grad", [True, False], ids=["pytorch", "compiled"])
+@pytest.mark.parametrize("slope", [None, 0.1])
+def test_channel_layer_norm_matches_layer_norm(grad, slope):
+    # With gradients: the PyTorch ops; without: the compiled kernel's one pass. Both against
+    # F.layer_norm over the channels (float64), on lengths around the kernel's 128-step tiles.
     torch.manual_seed(0)
-    norm = ChannelLayerNorm(6).double()
+    norm = ChannelLayerNorm(37).double()
     with torch.no_grad():
         norm.weight.normal_()
         norm.bias.normal_()
-    x = torch.randn(3, 6, 20, dtype=torch.float64) * 3 + 1
-    expected = torch.nn.functional.layer_norm(
-        x.transpose(1, 2), (6,), norm.weight, norm.bias, norm.eps
-    ).transpose(1, 2)
-    torch.testing.assert_close(norm(x), expected)
+    for length in (1, 20, 128, 300):
+        x = torch.randn(3, 37, length, dtype=torch.float64) * 3 + 1
+        expected = torch.nn.functional.layer_norm(
+            x.transpose(1, 2), (37,), norm.weight, norm.bias, norm.eps
+        ).transpose(1, 2)
+        if slope is not None:
+            expected = torch.nn.functional.leaky_relu(expected, slope)
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(norm(x, slope), expected, rtol=1e-12, atol=1e-12)
+            # float32: the kernel's float32 path, against the float64 result
+            out32 = norm.float()(x.float(), slope)
+            norm.double()
+        torch.testing.assert_close(out32.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_layer_norm_without_gradients_runs_the_compiled_kernel(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        ssm, "channel_norm_compiled", lambda *a: calls.append(a) or a[0]
+    )
+    norm = ChannelLayerNorm(4)
+    x = torch.randn(1, 4, 10)
+    norm(x)
+    assert calls == []
+    with torch.no_grad():
+        norm(x, 0.1)
+    assert len(calls) == 1 and calls[0][-1] == 0.1
 
 
 @pytest.mark.parametrize("length", [16, 48, 160])

@@ -1,6 +1,7 @@
 """Config loading, checkpoint naming and atomic writes."""
 
 import ast
+import ctypes
 import dataclasses
 import json
 import os
@@ -311,3 +312,56 @@ def test_atomic_path_gives_umask_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert os.stat(target).st_mode & 0o777 == 0o644
+
+
+HEAP_SCRIPT = """
+import ctypes
+import torch
+import utils
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+        .split()
+    ]
+
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+
+
+def a_64_mb_block():
+    # MB held in mmapped blocks while a 64 MB tensor lives, and MB free in the heap after
+    x = torch.ones(16 << 20)
+    mapped = libc.mallinfo2().hblkhd >> 20
+    del x
+    return mapped, libc.mallinfo2().fordblks >> 20
+
+
+print(*a_64_mb_block())
+utils.keep_freed_memory()
+print(*a_64_mb_block())
+"""
+
+
+@pytest.mark.skipif(
+    utils._glibc() is None or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+    reason="mallopt and mallinfo2 are glibc's (2.33+)",
+)
+def test_keep_freed_memory_keeps_large_blocks_in_the_heap():
+    # By default glibc maps a 64 MB block of its own and unmaps it when freed (the next one
+    # page-faults in again); after keep_freed_memory it comes from the heap and stays there.
+    result = subprocess.run(
+        [sys.executable, "-c", HEAP_SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        check=True,
+    )
+    (mapped, kept), (mapped_after, kept_after) = (
+        map(int, line.split()) for line in result.stdout.splitlines()
+    )
+    assert mapped >= 64 and kept < 64
+    assert mapped_after < 64 and kept_after >= 64
