@@ -248,6 +248,12 @@ def compiled_kernel_available() -> bool:
         return False
 
 
+def _kernel_function(name, dtype):
+    # the compiled kernel's `name` for float32 or float64 tensors, e.g. scan_fwd_f32
+    suffix = "f32" if dtype == torch.float32 else "f64"
+    return getattr(_load_kernel(), f"{name}_{suffix}")
+
+
 def _ptr(t):
     return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
 
@@ -264,17 +270,15 @@ class _CompiledScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus):
-        lib = _load_kernel()
         nb, nd, length = u.shape
         n_state = A.shape[1]
-        suffix = "f32" if u.dtype == torch.float32 else "f64"
         out = torch.empty_like(u)
         last = u.new_empty(nb, nd, n_state)
         hs = None
         ctx.chunk, ctx.softplus = _CHUNK, softplus
         if any(ctx.needs_input_grad):
             hs = u.new_empty(nb, nd, -(-length // ctx.chunk), n_state)
-        getattr(lib, f"scan_fwd_{suffix}")(
+        _kernel_function("scan_fwd", u.dtype)(
             *map(_ptr, (u, delta, A, B, C, D, delta_bias, z, h0)),
             nb,
             nd,
@@ -294,11 +298,9 @@ class _CompiledScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gout, glast):
         u, delta, A, B, C, D, z, delta_bias, hs = ctx.saved_tensors
-        lib = _load_kernel()
         nb, nd, length = u.shape
         n_state = A.shape[1]
         groups = _groups(nb, nd)
-        suffix = "f32" if u.dtype == torch.float32 else "f64"
         gout, glast = gout.contiguous(), glast.contiguous()
         gu, gdelta = torch.empty_like(u), torch.empty_like(u)
         gz = torch.empty_like(z) if z is not None else None
@@ -307,7 +309,7 @@ class _CompiledScan(torch.autograd.Function):
         gD = u.new_empty(nb, nd, dtype=torch.float64)
         gB = u.new_empty(nb, groups, length, n_state)
         gC = u.new_empty(nb, groups, length, n_state)
-        getattr(lib, f"scan_bwd_{suffix}")(
+        _kernel_function("scan_bwd", u.dtype)(
             *map(_ptr, (u, delta, A, B, C, D, delta_bias, z)),
             nb,
             nd,
@@ -390,10 +392,8 @@ class _CompiledConvSiLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        lib = _load_kernel()
-        suffix = "f32" if x.dtype == torch.float32 else "f64"
         out = torch.empty_like(x)
-        getattr(lib, f"conv_fwd_{suffix}")(
+        _kernel_function("conv_fwd", x.dtype)(
             _ptr(x),
             _ptr(weight),
             _ptr(bias),
@@ -409,13 +409,11 @@ class _CompiledConvSiLU(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gout):
         x, weight, bias = ctx.saved_tensors
-        lib = _load_kernel()
-        suffix = "f32" if x.dtype == torch.float32 else "f64"
         gout = gout.contiguous()
         gx = torch.empty_like(x)
         gw = x.new_empty(x.shape[0], *weight.shape, dtype=torch.float64)
         gb = x.new_empty(x.shape[:2], dtype=torch.float64)
-        getattr(lib, f"conv_bwd_{suffix}")(
+        _kernel_function("conv_bwd", x.dtype)(
             _ptr(x),
             _ptr(weight),
             _ptr(bias),
@@ -585,14 +583,12 @@ def channel_norm_compiled(x, weight, bias, eps, negative_slope=None):
     given, in one pass of the compiled kernel; forward only (no autograd), CPU float32 or
     float64. models.ChannelLayerNorm uses it for inference; its PyTorch forward is the
     reference."""
-    lib = _load_kernel()
     x = x.contiguous()
     # named, so that converted copies live until the kernel returns
     weight = weight.to(x.dtype).contiguous()
     bias = bias.to(x.dtype).contiguous()
-    suffix = "f32" if x.dtype == torch.float32 else "f64"
     out = torch.empty_like(x)
-    getattr(lib, f"norm_fwd_{suffix}")(
+    _kernel_function("norm_fwd", x.dtype)(
         _ptr(x),
         _ptr(weight),
         _ptr(bias),
