@@ -67,7 +67,9 @@ def generator_gflop_per_second_of_audio(seconds: float = 0.2) -> tuple[float, fl
                 )
             )
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
+    # with gradients enabled, so that MambaStack runs one pass through Mamba.forward (without
+    # them it goes through forward_stream in pieces, which the hooks do not see)
+    with counter:
         g(x)
     audio_seconds = x.shape[-1] / SAMPLING_RATE
     return (
