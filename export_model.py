@@ -73,8 +73,8 @@ def plot_curve(log_dir: str, png: str) -> list[tuple[int, float]]:
         f"best {values[best]:.3f} (step {steps[best]})",
         (steps[best], values[best]),
         textcoords="offset points",
-        xytext=(0, 10),
-        ha="center",
+        xytext=(8, 4),
+        ha="left",
     )
     ax.set_xlabel("training step")
     ax.set_ylabel("validation LSD")
