@@ -67,8 +67,10 @@ def generator_gflop_per_second_of_audio(seconds: float = 0.2) -> tuple[float, fl
                 )
             )
     counter = FlopCounterMode(display=False)
-    # with gradients enabled, so that MambaStack runs one pass through Mamba.forward (without
-    # them it goes through forward_stream in pieces, which the hooks do not see)
+    # Gradient mode on, so that MambaStack runs one pass through Mamba.forward (without it the
+    # stack goes through forward_stream in pieces, which the hooks do not see); no parameter
+    # needs a gradient, so no graph is kept (the workers inherit this process's peak memory).
+    g.requires_grad_(False)
     with counter:
         g(x)
     audio_seconds = x.shape[-1] / SAMPLING_RATE
