@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
-import utils
 import ssm
+import utils
 from ssm import Mamba
 
 # Every user of the generator imports this module: long inputs make tens-of-MB intermediates.
