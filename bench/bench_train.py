@@ -161,5 +161,6 @@ def main():
         f" {100 * total[1] / step_cpu:.0f} % | | |"
     )
 
+
 if __name__ == "__main__":
     main()
