@@ -372,6 +372,30 @@ class WaveUMamba(nn.Module):
             if parametrize.is_parametrized(module, "weight"):
                 parametrize.remove_parametrizations(module, "weight")
 
+    @torch.no_grad()
+    def zero_head_nyquist(self):
+        """Project the head's kernel so that no input channel passes the Nyquist frequency.
+
+        Why: the decoder's stride-2 transposed convs leave a constant checkerboard (a
+        24 kHz alternation) in the last features, and the head only nearly cancels it; what
+        is left is a 24 kHz tone that neither reconstruction loss sees (both are mel-projected).
+        With every channel's kernel orthogonal to (+1, -1, +1, ...) the head has a zero at
+        24 kHz. The smallest such change: subtract each channel's projection on that sequence.
+        """
+        weight = self.head.weight  # [1, C, K], folded from weight norm when it is on
+        alternating = torch.ones(weight.shape[-1], dtype=weight.dtype, device=weight.device)
+        alternating[1::2] = -1
+        gain = (weight * alternating).sum(-1, keepdim=True)  # [1, C, 1]: response at Nyquist
+        projected = weight - gain * alternating / weight.shape[-1]
+        if parametrize.is_parametrized(self.head, "weight"):
+            weight_norm_of = self.head.parametrizations.weight
+            g, v = weight_norm_of[0].right_inverse(projected)
+            # copied in place: DDP and the optimiser hold on to these very tensors
+            weight_norm_of.original0.copy_(g)
+            weight_norm_of.original1.copy_(v)
+        else:
+            self.head.weight.copy_(projected)
+
 
 class DiscriminatorP(nn.Module):
     def __init__(self, period, kernel_size=5, stride=3):

@@ -179,6 +179,7 @@ class TrainConfig:
     epochs: int
     generator_warmup_steps: int  # steps on reconstruction losses only, before the GAN
     discriminator_warmup_steps: int  # steps training only the discriminators, first
+    zero_head_nyquist: bool  # hold the head's gain at 24 kHz at zero (models.zero_head_nyquist)
     seed: int
     stdout_interval: int
     summary_interval: int

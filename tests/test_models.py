@@ -173,6 +173,38 @@ def test_remove_weight_norm_keeps_output():
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("weight_normed", [True, False])
+def test_zero_head_nyquist_is_the_smallest_change_that_silences_24_khz(weight_normed):
+    g = tiny_generator()
+    if not weight_normed:
+        g.remove_weight_norm()
+    params = dict(g.head.named_parameters())
+    before = g.head.weight.detach().double().clone()  # [1, C, K]
+    g.zero_head_nyquist()
+    after = g.head.weight.detach().double()
+    # reference: the least-norm solution of "every channel's kernel sums to zero against
+    # (+1, -1, ...)", from the constraint matrix, in float64
+    _, channels, k = before.shape
+    alternating = torch.tensor([(-1.0) ** i for i in range(k)], dtype=torch.float64)
+    constraints = torch.block_diag(*[alternating[None]] * channels)  # [C, C * K]
+    w = before.flatten()
+    correction = constraints.T @ torch.linalg.solve(
+        constraints @ constraints.T, constraints @ w
+    )
+    torch.testing.assert_close(after.flatten(), w - correction, rtol=1e-6, atol=1e-7)
+    assert correction.abs().max() > 1e-3  # a random head does pass 24 kHz
+    # the same parameter objects (the optimiser keeps its state), and the head is now deaf to a
+    # 24 kHz alternation on every channel while still passing a slow signal
+    assert all(p is params[name] for name, p in g.head.named_parameters())
+    n = torch.arange(64)
+    features = torch.randn(1, channels, 1) * torch.where(n % 2 == 0, 1.0, -1.0)
+    with torch.no_grad():
+        response = g.head(features) - g.head.bias
+        slow = g.head(torch.randn(1, channels, 1) * torch.ones(64)) - g.head.bias
+    assert response[..., k:-k].abs().max() < 1e-6
+    assert slow[..., k:-k].abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("impl", ["compiled", "torch"])
 def test_mamba_stack_without_gradients_runs_in_pieces_with_the_same_result(
     impl, monkeypatch
