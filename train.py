@@ -214,7 +214,14 @@ def build(
             f"train.batch_size={train_cfg.batch_size} is larger than the training set "
             f"({len(train_set)} items)"
         )
+    constrain_generator(run)
     return run
+
+
+def constrain_generator(run: Run) -> None:
+    """Applies the weight constraints the config asks for (after init and every update)."""
+    if run.cfg.train.zero_head_nyquist:
+        run.generator.zero_head_nyquist()
 
 
 def _batches(run: Run) -> list[list[int]]:
@@ -250,82 +257,74 @@ def train_step(run: Run, batch) -> dict[str, float]:
     the generator's output), so that a trained generator meets trained critics; during the first
     train.generator_warmup_steps steps only the generator trains, on the reconstruction losses.
 
+    The discriminators run once a step. The generator's update comes first, so both losses see
+    the same discriminator weights and the same output: the scores of that one pass serve the
+    generator's adversarial loss (gradient into the generator only) and the discriminators' own
+    loss (gradient into the discriminators only, the output taken as given). That is what the
+    update-then-rescore order of SPEC section 6 computes, in two thirds of the discriminator time.
+
     Args:
         run: the run to advance.
         batch: (x, y), low-resolution input and target, [B, 1, segment_size] each.
     Returns:
         Loss values (unweighted) and gradient norms (before clipping) as floats.
     """
-    train_cfg = run.cfg.train
+    train_cfg, loss_cfg = run.cfg.train, run.cfg.loss
     x, y = (t.to(run.device, non_blocking=True) for t in batch)
+    train_generator = run.step >= train_cfg.discriminator_warmup_steps
     adversarial = run.step >= train_cfg.generator_warmup_steps
-    if run.step < train_cfg.discriminator_warmup_steps:
-        with torch.no_grad():
-            y_hat = run.generator_ddp(x)  # [B, 1, T]
-        logs = {}
-    else:
-        y_hat, logs = _generator_update(run, x, y, adversarial)
+    with torch.set_grad_enabled(train_generator):
+        y_hat = run.generator_ddp(x)  # [B, 1, T]
+    logs = {}
     if adversarial:
-        logs.update(_discriminator_update(run, y, y_hat.detach()))
+        mpd_real, mpd_fake, mpd_fmap_real, mpd_fmap_fake = run.mpd_ddp(y, y_hat)
+        msd_real, msd_fake, msd_fmap_real, msd_fmap_fake = run.msd_ddp(y, y_hat)
+    if train_generator:
+        mel = run.mel_loss(y_hat, y)
+        mrstft = run.mrstft_loss(y_hat, y)
+        loss_g = loss_cfg.lambda_mel * mel + loss_cfg.lambda_mrstft * mrstft
+        logs.update(mel=mel.item(), mrstft=mrstft.item())
+        if adversarial:
+            adv = generator_adv_loss(mpd_fake) + generator_adv_loss(msd_fake)
+            loss_g = loss_g + loss_cfg.lambda_adv * adv
+            logs["g_adv"] = adv.item()
+            if loss_cfg.lambda_fm > 0:
+                fm = feature_matching_loss(mpd_fmap_real, mpd_fmap_fake)
+                fm = fm + feature_matching_loss(msd_fmap_real, msd_fmap_fake)
+                loss_g = loss_g + loss_cfg.lambda_fm * fm
+                logs["fm"] = fm.item()
+        run.optim_g.zero_grad(set_to_none=True)
+        # inputs=: no weight gradients for the discriminators, whose graph is kept for theirs
+        loss_g.backward(inputs=list(run.generator.parameters()), retain_graph=adversarial)
+        grad_norm_g = nn.utils.clip_grad_norm_(
+            run.generator.parameters(), train_cfg.grad_clip_g
+        )
+        logs.update(loss_g=loss_g.item(), grad_norm_g=grad_norm_g.item())
+    if adversarial:
+        loss_mpd = discriminator_adv_loss(mpd_real, mpd_fake)
+        loss_msd = discriminator_adv_loss(msd_real, msd_fake)
+        run.optim_d.zero_grad(set_to_none=True)
+        # inputs=: the output is taken as given, as if detached
+        (loss_mpd + loss_msd).backward(
+            inputs=[*run.mpd.parameters(), *run.msd.parameters()]
+        )
+        grad_norm_mpd = nn.utils.clip_grad_norm_(run.mpd.parameters(), train_cfg.grad_clip_d)
+        grad_norm_msd = nn.utils.clip_grad_norm_(run.msd.parameters(), train_cfg.grad_clip_d)
+        logs.update(
+            loss_d=(loss_mpd + loss_msd).item(),
+            loss_mpd=loss_mpd.item(),
+            loss_msd=loss_msd.item(),
+            grad_norm_mpd=grad_norm_mpd.item(),
+            grad_norm_msd=grad_norm_msd.item(),
+        )
+    # the optimisers step after both backward passes, which read the weights they change
+    if train_generator:
+        run.optim_g.step()
+        constrain_generator(run)
+    if adversarial:
+        run.optim_d.step()
     run.step += 1
     return logs
-
-
-def _generator_update(run: Run, x, y, adversarial: bool):
-    """One optimiser step of the generator; returns its output and the logs."""
-    train_cfg, loss_cfg = run.cfg.train, run.cfg.loss
-    logs = {}
-    # Frozen discriminators add no weight gradients to the generator's backward. They are
-    # called unwrapped: DDP would wait for gradients of frozen parameters.
-    run.mpd.requires_grad_(False)
-    run.msd.requires_grad_(False)
-    y_hat = run.generator_ddp(x)  # [B, 1, T]
-    mel = run.mel_loss(y_hat, y)
-    mrstft = run.mrstft_loss(y_hat, y)
-    loss_g = loss_cfg.lambda_mel * mel + loss_cfg.lambda_mrstft * mrstft
-    logs.update(mel=mel.item(), mrstft=mrstft.item())
-    if adversarial:
-        _, mpd_fake, mpd_fmap_real, mpd_fmap_fake = run.mpd(y, y_hat)
-        _, msd_fake, msd_fmap_real, msd_fmap_fake = run.msd(y, y_hat)
-        adv = generator_adv_loss(mpd_fake) + generator_adv_loss(msd_fake)
-        loss_g = loss_g + loss_cfg.lambda_adv * adv
-        logs["g_adv"] = adv.item()
-        if loss_cfg.lambda_fm > 0:
-            fm = feature_matching_loss(mpd_fmap_real, mpd_fmap_fake)
-            fm = fm + feature_matching_loss(msd_fmap_real, msd_fmap_fake)
-            loss_g = loss_g + loss_cfg.lambda_fm * fm
-            logs["fm"] = fm.item()
-    run.optim_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    grad_norm_g = nn.utils.clip_grad_norm_(
-        run.generator.parameters(), train_cfg.grad_clip_g
-    )
-    run.optim_g.step()
-    logs.update(loss_g=loss_g.item(), grad_norm_g=grad_norm_g.item())
-    return y_hat, logs
-
-
-def _discriminator_update(run: Run, y, y_hat) -> dict[str, float]:
-    """One optimiser step of both discriminators on the detached output y_hat."""
-    train_cfg = run.cfg.train
-    run.mpd.requires_grad_(True)
-    run.msd.requires_grad_(True)
-    mpd_real, mpd_fake, _, _ = run.mpd_ddp(y, y_hat)
-    msd_real, msd_fake, _, _ = run.msd_ddp(y, y_hat)
-    loss_mpd = discriminator_adv_loss(mpd_real, mpd_fake)
-    loss_msd = discriminator_adv_loss(msd_real, msd_fake)
-    run.optim_d.zero_grad(set_to_none=True)
-    (loss_mpd + loss_msd).backward()
-    grad_norm_mpd = nn.utils.clip_grad_norm_(run.mpd.parameters(), train_cfg.grad_clip_d)
-    grad_norm_msd = nn.utils.clip_grad_norm_(run.msd.parameters(), train_cfg.grad_clip_d)
-    run.optim_d.step()
-    return dict(
-        loss_d=(loss_mpd + loss_msd).item(),
-        loss_mpd=loss_mpd.item(),
-        loss_msd=loss_msd.item(),
-        grad_norm_mpd=grad_norm_mpd.item(),
-        grad_norm_msd=grad_norm_msd.item(),
-    )
 
 
 def _rate_name(sampling_rate: int, ratio: int) -> str:
@@ -589,6 +588,7 @@ def init_generator(run: Run, path: str) -> int | None:
         raise ValueError(
             f"{path} does not fit the model of this config: {str(e).splitlines()[-1].strip()}"
         ) from None
+    constrain_generator(run)
     return step
 
 
