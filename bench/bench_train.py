@@ -3,12 +3,13 @@
 Run from the repo root: `python -m bench.bench_train` (a few minutes). Builds the run with
 train.build (cfgs.json, batch 4 x 25,600 samples by default) and times, on one fixed batch:
 the whole train_step, then each piece it is made of, run alone on the same tensors: the
-generator's forward and backward, each loss, each discriminator's forward and backward (with
-frozen weights as in the generator update, and with weight gradients as in the discriminator
-update), gradient clipping with each optimiser step. Each time is the median of --runs after a
+generator's forward and backward, each loss, each discriminator's one forward (real and fake
+audio) and its backward passes (into the generator's output, then into its own weights),
+gradient clipping with each optimiser step. Each time is the median of --runs after a
 warm-up. The conv FLOPs of each discriminator (counted from its layers' shapes; a backward is
-counted as twice its forward) and the measured float32 matrix-product rate say how close the
-discriminators run to what the CPU can do. Prints Markdown tables; no asserts.
+counted as twice its forward, the one into the output as the fake half's forward) and the
+measured float32 matrix-product rate say how close the discriminators run to what the CPU can
+do. Prints Markdown tables; no asserts.
 """
 
 import argparse
@@ -80,20 +81,19 @@ def pieces(run, x, y, runs: int):
         yield f"{name} forward + backward", t, None
     for name, d in (("MPD", run.mpd), ("MSD", run.msd)):
         gflop = conv_gflop(d, y, y_hat)  # real and fake: each call scores both
-        d.requires_grad_(False)
-        # the generator update: scores of y and y_hat, a gradient into y_hat only (as much
-        # work as the fake half of the forward)
-        t = median_s(lambda: generator_adv_loss(d(y, leaf)[1]).backward(), runs)
-        yield f"{name}, generator update (frozen)", t, gflop + gflop / 2
-        d.requires_grad_(True)
-        detached = y_hat.detach()
+        forward = median_s(lambda: d(y, leaf), runs)
+        yield f"{name} forward (real and fake)", forward, gflop
 
-        def d_update():
-            d.zero_grad(set_to_none=True)
-            real, fake, _, _ = d(y, detached)
-            discriminator_adv_loss(real, fake).backward()
+        def forward_and_backward():
+            # as in train_step: the gradient into the output (the fake half's activation
+            # gradients), then the discriminator's (activation and weight gradients)
+            real, fake, _, _ = d(y, leaf)
+            generator_adv_loss(fake).backward(inputs=[leaf], retain_graph=True)
+            discriminator_adv_loss(real, fake).backward(inputs=list(d.parameters()))
 
-        yield f"{name}, discriminator update", median_s(d_update, runs), 3 * gflop
+        both = median_s(forward_and_backward, runs)
+        backward = tuple(b - f for b, f in zip(both, forward))
+        yield f"{name} backward (into the output, then weights)", backward, 2.5 * gflop
     train_cfg = run.cfg.train
     for name, params, optim, clip in (
         ("generator", [g.parameters()], run.optim_g, train_cfg.grad_clip_g),
