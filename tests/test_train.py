@@ -177,6 +177,26 @@ def test_train_step_updates_both_discriminators(data):
     assert (head * alternating).sum(-1).abs().max() < 1e-6
 
 
+def _assert_same_steps(first, second, batch, atol: float) -> None:
+    """Three steps of each (run, step function) on one batch give the same losses (to 1e-5),
+    gradient norms (to 1e-3: rounding, which the tiny generator's large, clipped gradients
+    amplify in their norm) and weights (to 1e-5 and atol)."""
+    (run, step), (other, other_step) = first, second
+    for _ in range(3):
+        logs, expected = step(run, batch), other_step(other, batch)
+        assert logs.keys() == expected.keys()
+        for key in expected:
+            rel = 1e-3 if key.startswith("grad_norm") else 1e-5
+            assert logs[key] == pytest.approx(expected[key], rel=rel), key
+    for name in ("generator", "mpd", "msd"):
+        for (key, p), p_expected in zip(
+            getattr(run, name).named_parameters(), getattr(other, name).parameters()
+        ):
+            torch.testing.assert_close(
+                p, p_expected, rtol=1e-5, atol=atol, msg=lambda m, key=key: f"{key}: {m}"
+            )
+
+
 def _two_pass_step(run, batch) -> dict[str, float]:
     """The GAN step as SPEC section 6 words it, slowly: the generator's update with frozen
     discriminators scoring its output, then the discriminators rescoring the detached output."""
@@ -235,29 +255,13 @@ def test_one_discriminator_pass_takes_the_two_pass_steps(data, lambda_fm):
             if type(module).__name__ == "_SpectralNorm":
                 module.eval()
     batch = _batch(one_pass)
-    for _ in range(3):
-        logs = train.train_step(one_pass, batch)
-        expected = _two_pass_step(two_pass, batch)
-        assert logs.keys() == expected.keys()
-        for key in expected:
-            # the gradient norms to 1e-3: rounding, amplified as in the fused AdamW test
-            rel = 1e-3 if key.startswith("grad_norm") else 1e-5
-            assert logs[key] == pytest.approx(expected[key], rel=rel), key
-    for name in ("generator", "mpd", "msd"):
-        for (key, p), p_expected in zip(
-            getattr(one_pass, name).named_parameters(), getattr(two_pass, name).parameters()
-        ):
-            # atol: 0.5 % of one AdamW step (lr 2e-4), what rounding in the norms moves
-            torch.testing.assert_close(
-                p, p_expected, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}"
-            )
+    # atol: 0.5 % of one AdamW step (lr 2e-4), what rounding in the norms moves
+    _assert_same_steps((one_pass, train.train_step), (two_pass, _two_pass_step), batch, 1e-6)
 
 
 def test_fused_adamw_takes_the_unfused_steps(data, tiny_discriminators):
-    # the optimisers' fused=True is a speed setting: three steps on one batch give the losses
-    # and parameters of PyTorch's plain AdamW loop with the same settings (to rounding, which
-    # the tiny generator's large, clipped gradients amplify in their norm: 1e-4 after three
-    # steps, while the losses agree to 1e-6)
+    # the optimisers' fused=True is a speed setting: the steps of PyTorch's plain AdamW loop
+    # with the same settings
     cfg = utils.load_config("cfgs.json", TINY + data)
     fused, plain = train.build(cfg), train.build(cfg)
     for optim in ("optim_g", "optim_d"):
@@ -265,18 +269,7 @@ def test_fused_adamw_takes_the_unfused_steps(data, tiny_discriminators):
         for group in getattr(plain, optim).param_groups:
             group["fused"] = False
     batch = _batch(fused)
-    for _ in range(3):
-        logs_fused = train.train_step(fused, batch)
-        logs_plain = train.train_step(plain, batch)
-        assert logs_fused.keys() == logs_plain.keys()
-        for key in logs_plain:
-            rel = 1e-3 if key.startswith("grad_norm") else 1e-5
-            assert logs_fused[key] == pytest.approx(logs_plain[key], rel=rel), key
-    for name in ("generator", "mpd", "msd"):
-        for (key, p_fused), p_plain in zip(
-            getattr(fused, name).named_parameters(), getattr(plain, name).parameters()
-        ):
-            torch.testing.assert_close(p_fused, p_plain, rtol=1e-5, atol=1e-7, msg=key)
+    _assert_same_steps((fused, train.train_step), (plain, train.train_step), batch, 1e-7)
 
 
 def test_adamw_leaves_a_log_and_d_undecayed(data, tiny_discriminators):
