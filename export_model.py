@@ -1,4 +1,5 @@
-"""Packs a trained generator for shipping: weights only, float16, its config, and a .sha256.
+"""Packs a trained generator for shipping: weights only, float16 (the head float32), its config,
+and a .sha256.
 
     python export_model.py --checkpoint_file runs/pretrained/g_best \
         --output checkpoints/wave_u_mamba_vctk_cpu.pt \
@@ -18,22 +19,24 @@ import models
 import utils
 
 
-def export(checkpoint_file: str, output: str) -> str:
+def export(checkpoint_file: str, output: str) -> tuple[str, int]:
     """Writes `output` and `output`.sha256 from a g_ checkpoint.
 
     Args:
         checkpoint_file: a g_XXXXXXXX or g_best checkpoint written by train.py.
         output: path of the packed model.
     Returns:
-        The SHA-256 hex digest of the written file.
+        The SHA-256 hex digest of the written file and the step the generator was trained for.
     """
     state, config, step = models.read_generator_checkpoint(checkpoint_file)
     if config is None or step is None:
         raise ValueError(f"{checkpoint_file}: not a g_ checkpoint of train.py")
     utils.config_from_checkpoint(config, checkpoint_file)
     packed = {
-        # float16 halves the file; the LSD change it causes is reported in the README.
-        "generator": {k: v.half() for k, v in state.items()},
+        # float16 halves the file; the LSD change it causes is reported in the README. The head
+        # stays float32: float16 rounding would undo its zero at 24 kHz (train.zero_head_nyquist)
+        # and raise the output's level there by about 9 dB.
+        "generator": {k: v if k.startswith("head.") else v.half() for k, v in state.items()},
         "config": config,
         "step": step,
     }
@@ -43,7 +46,7 @@ def export(checkpoint_file: str, output: str) -> str:
     with utils.atomic_path(output + ".sha256") as tmp:
         with open(tmp, "w") as f:
             f.write(f"{digest}  {os.path.basename(output)}\n")
-    return digest
+    return digest, step
 
 
 def validation_curve(log_dir: str, tag: str = "validation/lsd") -> list[tuple[int, float]]:
@@ -60,22 +63,24 @@ def validation_curve(log_dir: str, tag: str = "validation/lsd") -> list[tuple[in
     return sorted(by_step.items())
 
 
-def plot_curve(log_dir: str, png: str) -> list[tuple[int, float]]:
-    """Draws validation LSD against step from a train.py logs folder into png (atomically);
-    returns the plotted points."""
+def plot_curve(log_dir: str, png: str, exported_step: int) -> list[tuple[int, float]]:
+    """Draws validation LSD against step from a train.py logs folder into png (atomically),
+    marking the exported step when it was validated; returns the plotted points."""
     points = validation_curve(log_dir)
     plt = utils.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps, values = zip(*points)
     ax.plot(steps, values, marker="o")
-    best = min(range(len(values)), key=values.__getitem__)
-    ax.annotate(
-        f"best {values[best]:.3f} (step {steps[best]})",
-        (steps[best], values[best]),
-        textcoords="offset points",
-        xytext=(8, 4),
-        ha="left",
-    )
+    if exported_step in steps:
+        value = values[steps.index(exported_step)]
+        ax.plot([exported_step], [value], marker="o", color="C3", markersize=9, zorder=3)
+        ax.annotate(
+            f"exported: step {exported_step} ({value:.3f})",
+            (exported_step, value),
+            textcoords="offset points",
+            xytext=(8, 4),
+            ha="left",
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel("validation LSD")
     ax.grid(alpha=0.3)
@@ -97,12 +102,12 @@ def main(argv=None) -> int:
         utils.print_error(ValueError("give --logs and --curve together"), "export_model.py")
         return 1
     try:
-        digest = export(args.checkpoint_file, args.output)
-        points = plot_curve(args.logs, args.curve) if args.logs else []
+        digest, step = export(args.checkpoint_file, args.output)
+        points = plot_curve(args.logs, args.curve, step) if args.logs else []
     except (ValueError, OSError) as e:
         utils.print_error(e, "export_model.py")
         return 1
-    print(f"{args.output}  sha256 {digest}")
+    print(f"{args.output}  sha256 {digest}  (step {step})")
     if points:
         listed = ", ".join(f"{v:.3f} ({s})" for s, v in points)
         print(f"{args.curve}: validation LSD (step) {listed}")

@@ -1,19 +1,23 @@
-"""Packing a trained generator for shipping: float16 weights, config, checksum."""
+"""Packing a trained generator for shipping: float16 weights (the head float32), config, checksum."""
 
 import numpy as np
 import pytest
+import torch
 
 import export_model
 from inference_wav import SuperResolver
+from models import load_generator
 from test_inference import save_g, tiny_generator
 from test_utils import booby_trap
 
 
 def test_export_loads_checks_digest_and_matches_float32(tmp_path):
     generator, cfg = tiny_generator(seed=3)
-    save_g(tmp_path / "g_00000007", generator, cfg)
+    generator.zero_head_nyquist()
+    save_g(tmp_path / "g_00000007", generator, cfg, step=7)
     packed = tmp_path / "ship" / "model.pt"
-    digest = export_model.export(str(tmp_path / "g_00000007"), str(packed))
+    digest, step = export_model.export(str(tmp_path / "g_00000007"), str(packed))
+    assert step == 7
     assert (tmp_path / "ship" / "model.pt.sha256").read_text().split() == [
         digest,
         "model.pt",
@@ -26,6 +30,10 @@ def test_export_loads_checks_digest_and_matches_float32(tmp_path):
     y_half, _ = half.upsample(audio, 48000, keep_lowband=False)
     assert np.abs(y_half - y_full).max() < 1e-2 * np.abs(y_full).max()
     assert not np.array_equal(y_half, y_full)  # the weights really were rounded
+    # all but the head: its zero at 24 kHz survives the packing
+    head = load_generator(str(packed))[0].head.weight.detach()  # [1, C, K]
+    alternating = torch.tensor([(-1.0) ** k for k in range(head.shape[-1])])
+    assert (head * alternating).sum(-1).abs().max() < 1e-6
 
     packed.write_bytes(packed.read_bytes() + b"\0")
     with pytest.raises(ValueError, match="checksum mismatch"):
@@ -72,7 +80,7 @@ def test_curve_reads_every_stretch_of_a_resumed_run(tmp_path, capsys):
     from torch.utils.tensorboard import SummaryWriter
 
     generator, cfg = tiny_generator(seed=3)
-    save_g(tmp_path / "g_00000300", generator, cfg)
+    save_g(tmp_path / "g_00000300", generator, cfg, step=300)
     logs = tmp_path / "logs"
     first = SummaryWriter(str(logs))
     for step, value in [(100, 1.6), (200, 1.5), (300, 1.45)]:
@@ -94,6 +102,7 @@ def test_curve_reads_every_stretch_of_a_resumed_run(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "1.600 (100), 1.500 (200), 1.400 (300), 1.300 (400)" in out
+    assert "(step 300)" in out  # the exported checkpoint's step, marked on the curve
 
 
 def test_curve_needs_validation_scalars(tmp_path, capsys):

@@ -52,13 +52,13 @@ def tiny_generator(seed=0, identity=False):
     return generator, cfg
 
 
-def save_g(path, generator, cfg):
+def save_g(path, generator, cfg, step=0):
     utils.save_checkpoint(
         str(path),
         {
             "generator": generator.state_dict(),
             "config": utils.config_to_dict(cfg),
-            "step": 0,
+            "step": step,
         },
     )
     return str(path)
