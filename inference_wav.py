@@ -21,7 +21,7 @@ content below its bandwidth put back (default; --no-keep_lowband: the model's ra
 are only ever read. `python stream.py` is the same processor on a live stream.
 
 The input's own band is kept by default because the model's rewrite of it is worse than the
-input itself (shipped model, validation clips: LSD-LF 0.67-0.98 raw, 0.10-0.41 kept; README "The
+input itself (shipped model, validation clips: LSD-LF 0.88-1.04 raw, 0.08-0.42 kept; README "The
 pretrained model"); evaluate.py scores the raw output by default, as papers do.
 
 The four flags and the output name are those of infected4098/Wave-U-Mamba's inference_wav.py
