@@ -376,11 +376,12 @@ class WaveUMamba(nn.Module):
     def zero_head_nyquist(self):
         """Project the head's kernel so that no input channel passes the Nyquist frequency.
 
-        Deviation: the authors' head is unconstrained. Why: the decoder's stride-2 transposed convs leave a constant checkerboard (a
-        24 kHz alternation) in the last features, and the head only nearly cancels it; what
-        is left is a 24 kHz tone that neither reconstruction loss sees (both are mel-projected).
-        With every channel's kernel orthogonal to (+1, -1, +1, ...) the head has a zero at
-        24 kHz. The smallest such change: subtract each channel's projection on that sequence.
+        Deviation: the authors' head is unconstrained. Why: the decoder's stride-2 transposed
+        convs leave a constant checkerboard (a 24 kHz alternation) in the last features, and the
+        head only nearly cancels it; what is left is a 24 kHz tone that neither reconstruction
+        loss sees (both are mel-projected). With every channel's kernel orthogonal to
+        (+1, -1, +1, ...) the head has a zero at 24 kHz. The smallest such change: subtract each
+        channel's projection on that sequence.
         """
         weight = self.head.weight  # [1, C, K], folded from weight norm when it is on
         alternating = torch.ones(weight.shape[-1], dtype=weight.dtype, device=weight.device)

@@ -261,7 +261,8 @@ def train_step(run: Run, batch) -> dict[str, float]:
     the same discriminator weights and the same output: the scores of that one pass serve the
     generator's adversarial loss (gradient into the generator only) and the discriminators' own
     loss (gradient into the discriminators only, the output taken as given). That is what the
-    update-then-rescore order of SPEC section 6 computes, in two thirds of the discriminator time.
+    update-then-rescore order of SPEC section 6 computes, in about three quarters of the
+    discriminator time (README "Speed").
 
     Args:
         run: the run to advance.
@@ -269,7 +270,7 @@ def train_step(run: Run, batch) -> dict[str, float]:
     Returns:
         Loss values (unweighted) and gradient norms (before clipping) as floats.
     """
-    train_cfg, loss_cfg = run.cfg.train, run.cfg.loss
+    train_cfg = run.cfg.train
     x, y = (t.to(run.device, non_blocking=True) for t in batch)
     train_generator = run.step >= train_cfg.discriminator_warmup_steps
     adversarial = run.step >= train_cfg.generator_warmup_steps
@@ -277,22 +278,10 @@ def train_step(run: Run, batch) -> dict[str, float]:
         y_hat = run.generator_ddp(x)  # [B, 1, T]
     logs = {}
     if adversarial:
-        mpd_real, mpd_fake, mpd_fmap_real, mpd_fmap_fake = run.mpd_ddp(y, y_hat)
-        msd_real, msd_fake, msd_fmap_real, msd_fmap_fake = run.msd_ddp(y, y_hat)
+        # (real scores, fake scores, real feature maps, fake feature maps) of each
+        mpd, msd = run.mpd_ddp(y, y_hat), run.msd_ddp(y, y_hat)
     if train_generator:
-        mel = run.mel_loss(y_hat, y)
-        mrstft = run.mrstft_loss(y_hat, y)
-        loss_g = loss_cfg.lambda_mel * mel + loss_cfg.lambda_mrstft * mrstft
-        logs.update(mel=mel.item(), mrstft=mrstft.item())
-        if adversarial:
-            adv = generator_adv_loss(mpd_fake) + generator_adv_loss(msd_fake)
-            loss_g = loss_g + loss_cfg.lambda_adv * adv
-            logs["g_adv"] = adv.item()
-            if loss_cfg.lambda_fm > 0:
-                fm = feature_matching_loss(mpd_fmap_real, mpd_fmap_fake)
-                fm = fm + feature_matching_loss(msd_fmap_real, msd_fmap_fake)
-                loss_g = loss_g + loss_cfg.lambda_fm * fm
-                logs["fm"] = fm.item()
+        loss_g = _generator_loss(run, y, y_hat, (mpd, msd) if adversarial else None, logs)
         run.optim_g.zero_grad(set_to_none=True)
         # inputs=: no weight gradients for the discriminators, whose graph is kept for theirs
         loss_g.backward(inputs=list(run.generator.parameters()), retain_graph=adversarial)
@@ -301,8 +290,8 @@ def train_step(run: Run, batch) -> dict[str, float]:
         )
         logs.update(loss_g=loss_g.item(), grad_norm_g=grad_norm_g.item())
     if adversarial:
-        loss_mpd = discriminator_adv_loss(mpd_real, mpd_fake)
-        loss_msd = discriminator_adv_loss(msd_real, msd_fake)
+        loss_mpd = discriminator_adv_loss(mpd[0], mpd[1])
+        loss_msd = discriminator_adv_loss(msd[0], msd[1])
         run.optim_d.zero_grad(set_to_none=True)
         # inputs=: the output is taken as given, as if detached
         (loss_mpd + loss_msd).backward(
@@ -325,6 +314,26 @@ def train_step(run: Run, batch) -> dict[str, float]:
         run.optim_d.step()
     run.step += 1
     return logs
+
+
+def _generator_loss(run: Run, y, y_hat, scores, logs: dict) -> torch.Tensor:
+    """The generator's weighted loss; scores: the discriminators' outputs (MPD's, MSD's) on
+    (y, y_hat), or None before the GAN starts. Logs each term (unweighted) into logs."""
+    loss_cfg = run.cfg.loss
+    mel = run.mel_loss(y_hat, y)
+    mrstft = run.mrstft_loss(y_hat, y)
+    loss_g = loss_cfg.lambda_mel * mel + loss_cfg.lambda_mrstft * mrstft
+    logs.update(mel=mel.item(), mrstft=mrstft.item())
+    if scores is None:
+        return loss_g
+    adv = sum(generator_adv_loss(fake) for _, fake, _, _ in scores)
+    loss_g = loss_g + loss_cfg.lambda_adv * adv
+    logs["g_adv"] = adv.item()
+    if loss_cfg.lambda_fm > 0:
+        fm = sum(feature_matching_loss(real, fake) for _, _, real, fake in scores)
+        loss_g = loss_g + loss_cfg.lambda_fm * fm
+        logs["fm"] = fm.item()
+    return loss_g
 
 
 def _rate_name(sampling_rate: int, ratio: int) -> str:
