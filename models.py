@@ -373,6 +373,12 @@ class WaveUMamba(nn.Module):
                 parametrize.remove_parametrizations(module, "weight")
 
     @torch.no_grad()
+    def head_nyquist_gain(self) -> torch.Tensor:
+        """[1, C, 1]: the head's response at 24 kHz to each input channel (up to sign)."""
+        weight = self.head.weight  # [1, C, K]
+        return (weight * _alternating(weight)).sum(-1, keepdim=True)
+
+    @torch.no_grad()
     def zero_head_nyquist(self):
         """Project the head's kernel so that no input channel passes the Nyquist frequency.
 
@@ -384,10 +390,8 @@ class WaveUMamba(nn.Module):
         channel's projection on that sequence.
         """
         weight = self.head.weight  # [1, C, K], folded from weight norm when it is on
-        alternating = torch.ones(weight.shape[-1], dtype=weight.dtype, device=weight.device)
-        alternating[1::2] = -1
-        gain = (weight * alternating).sum(-1, keepdim=True)  # [1, C, 1]: response at Nyquist
-        projected = weight - gain * alternating / weight.shape[-1]
+        alternating = _alternating(weight)
+        projected = weight - self.head_nyquist_gain() * alternating / weight.shape[-1]
         if parametrize.is_parametrized(self.head, "weight"):
             weight_norm_of = self.head.parametrizations.weight
             g, v = weight_norm_of[0].right_inverse(projected)
@@ -396,6 +400,14 @@ class WaveUMamba(nn.Module):
             weight_norm_of.original1.copy_(v)
         else:
             self.head.weight.copy_(projected)
+
+
+def _alternating(weight: torch.Tensor) -> torch.Tensor:
+    """(+1, -1, +1, ...) along weight's last axis: a kernel's dot product with it is its gain
+    at the Nyquist frequency."""
+    signs = torch.ones(weight.shape[-1], dtype=weight.dtype, device=weight.device)
+    signs[1::2] = -1
+    return signs
 
 
 class DiscriminatorP(nn.Module):
