@@ -61,22 +61,23 @@ class ChannelLayerNorm(nn.LayerNorm):
 
 
 class MambaResidualBlock(nn.Module):
-    """x + Mamba(LayerNorm(x)): the residual block around ssm.Mamba (mamba.py's ResidualBlock)."""
+    """x + Mamba(LayerNorm(x)): the residual block around ssm.Mamba (mamba.py's ResidualBlock),
+    on channels-first x [B, C, L] like the rest of the U-Net (ssm.Mamba.mix)."""
 
     def __init__(self, channels, d_state, d_conv, expand, scan_impl):
         super().__init__()
-        self.norm = nn.LayerNorm(channels)
+        self.norm = ChannelLayerNorm(channels)
         self.mamba = Mamba(
             channels, d_state=d_state, d_conv=d_conv, expand=expand, impl=scan_impl
         )
 
     def forward(self, x):
-        # x: [B, L, C]
-        return x + self.mamba(self.norm(x))
+        # x: [B, C, L]
+        return x + self.mamba.mix(self.norm(x))[0]
 
     def forward_stream(self, x, state=None):
         """forward() on the next steps of a sequence, carrying the Mamba's state
-        (ssm.Mamba.forward_stream): returns (y [B, L, C], state)."""
+        (ssm.Mamba.forward_stream): returns (y [B, C, L], state)."""
         y, state = self.mamba.forward_stream(self.norm(x), state)
         return x + y, state
 
@@ -102,10 +103,9 @@ class MambaStack(nn.Module):
         # x: [B, C, L]
         if x.device.type == "cpu" and not torch.is_grad_enabled():
             return self.forward_stream(x)[0]
-        x = x.transpose(1, 2)  # [B, L, C]
         for block in self.blocks:
             x = block(x)
-        return x.transpose(1, 2)  # [B, C, L]
+        return x
 
     def forward_stream(self, x, states=None):
         """The stack on the next steps of a sequence, carrying every block's state.
@@ -120,10 +120,10 @@ class MambaStack(nn.Module):
         states = list(states or [None] * len(self.blocks))
         pieces = []
         for start in range(0, x.shape[-1], self.CHUNK_STEPS):
-            h = x[..., start : start + self.CHUNK_STEPS].transpose(1, 2)  # [B, n, C]
+            h = x[..., start : start + self.CHUNK_STEPS]  # [B, C, n]
             for i, block in enumerate(self.blocks):
                 h, states[i] = block.forward_stream(h, states[i])
-            pieces.append(h.transpose(1, 2))
+            pieces.append(h)
         return (torch.cat(pieces, dim=-1) if pieces else x), states
 
 

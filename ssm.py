@@ -228,9 +228,9 @@ def _load_kernel():
         getattr(lib, f"scan_bwd_{suffix}").argtypes = (
             [p] * 8 + [i64] * 6 + [i32] + [p] * 11 + [i32]
         )
-        getattr(lib, f"conv_fwd_{suffix}").argtypes = [p] * 3 + [i64] * 4 + [p, i32]
+        getattr(lib, f"conv_fwd_{suffix}").argtypes = [p] * 4 + [i64] * 4 + [p, i32]
         getattr(lib, f"conv_bwd_{suffix}").argtypes = (
-            [p] * 4 + [i64] * 4 + [p] * 3 + [i32]
+            [p] * 5 + [i64] * 4 + [p] * 4 + [i32]
         )
         getattr(lib, f"norm_fwd_{suffix}").argtypes = (
             [p] * 3 + [i64] * 3 + [ctypes.c_double] * 2 + [p, i32]
@@ -387,14 +387,16 @@ def _selective_scan_compiled(
 
 class _CompiledConvSiLU(torch.autograd.Function):
     # silu(causal depthwise conv1d(x)) on contiguous CPU tensors of one dtype;
-    # x: [B, D, L]; weight: [D, K]; bias: [D]. Same result as nn.Conv1d(D, D, K, groups=D,
-    # padding=K-1) cut to the first L outputs, then SiLU.
+    # x: [B, D, L]; weight: [D, K]; bias: [D]; prev: [B, D, K-1], the inputs before x, or None
+    # for zeros. Same result as nn.Conv1d(D, D, K, groups=D) on [prev, x] (or on x with
+    # padding=K-1, cut to the first L outputs), then SiLU.
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, prev):
         out = torch.empty_like(x)
         _kernel_function("conv_fwd", x.dtype)(
             _ptr(x),
+            _ptr(prev),
             _ptr(weight),
             _ptr(bias),
             *x.shape,
@@ -402,40 +404,45 @@ class _CompiledConvSiLU(torch.autograd.Function):
             _ptr(out),
             torch.get_num_threads(),
         )
-        ctx.save_for_backward(x, weight, bias)
+        ctx.save_for_backward(x, weight, bias, prev)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gout):
-        x, weight, bias = ctx.saved_tensors
+        x, weight, bias, prev = ctx.saved_tensors
         gout = gout.contiguous()
         gx = torch.empty_like(x)
+        gprev = torch.empty_like(prev) if ctx.needs_input_grad[3] else None
         gw = x.new_empty(x.shape[0], *weight.shape, dtype=torch.float64)
         gb = x.new_empty(x.shape[:2], dtype=torch.float64)
         _kernel_function("conv_bwd", x.dtype)(
             _ptr(x),
+            _ptr(prev),
             _ptr(weight),
             _ptr(bias),
             _ptr(gout),
             *x.shape,
             weight.shape[1],
             _ptr(gx),
+            _ptr(gprev),
             _ptr(gw),
             _ptr(gb),
             torch.get_num_threads(),
         )
-        return gx, gw.sum(0).to(x.dtype), gb.sum(0).to(x.dtype)
+        return gx, gw.sum(0).to(x.dtype), gb.sum(0).to(x.dtype), gprev
 
 
-def _conv_silu_compiled(x, weight, bias):
-    # x: [B, D, L]; weight: [D, 1, K] (nn.Conv1d's); bias: [D] or None
+def _conv_silu_compiled(x, weight, bias, prev=None):
+    # x: [B, D, L]; weight: [D, 1, K] (nn.Conv1d's); bias: [D] or None; prev: [B, D, K-1] or
+    # None (see _CompiledConvSiLU)
     if bias is None:
         bias = x.new_zeros(x.shape[1])
     return _CompiledConvSiLU.apply(
         x.contiguous(),
         weight.to(x.dtype).reshape(weight.shape[0], -1).contiguous(),
         bias.to(x.dtype).contiguous(),
+        None if prev is None else prev.to(x.dtype).contiguous(),
     )
 
 
@@ -666,62 +673,69 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
     def forward(self, x):
-        # x: [B, L, d_model]
-        return self._mix(x, None)[0]
+        """x: [B, L, d_model] (mamba_ssm's layout) -> [B, L, d_model]."""
+        return self.mix(x.transpose(1, 2))[0].transpose(1, 2)
 
     def forward_stream(self, x, state=None):
         """Mamba over the next steps of a stream, carrying the state from call to call.
 
         Calls on consecutive pieces of a sequence, each given the state the one before
-        returned, give what one forward() over the whole sequence gives.
+        returned, give what one pass over the whole sequence gives.
 
         Args:
-            x: [B, L, d_model], the steps after those of the earlier calls.
+            x: [B, d_model, L] (channels first, as mix), the steps after those of the earlier
+                calls.
             state: None at the start of the stream, else what the previous call returned.
         Returns:
-            (y [B, L, d_model], state): the state is (the causal conv's last d_conv - 1
+            (y [B, d_model, L], state): the state is (the causal conv's last d_conv - 1
             inputs [B, d_inner, d_conv - 1], the scan state [B, d_inner, d_state] or None
             before the first step).
         """
         if state is None:
             state = (x.new_zeros(x.shape[0], self.d_inner, self.d_conv - 1), None)
-        if x.shape[1] == 0:
+        if x.shape[-1] == 0:
             return x, state
-        return self._mix(x, state)
+        return self.mix(x, state)
 
-    def _mix(self, x, state):
-        # forward(x), from a stream state (conv inputs, scan state) when one is given;
-        # returns (y [B, L, d_model], the state after x, or None without one)
+    def mix(self, x, state=None):
+        """The mixer on channels-first x [B, d_model, L], the U-Net's layout: every tensor keeps
+        time innermost, the scan's layout, so nothing is transposed or copied between the
+        projections, the conv and the scan (and the conv's gradients stay contiguous: oneDNN's
+        depthwise conv backward is several times slower on strided ones).
+
+        Returns (y [B, d_model, L], the state after x), from the stream state given (see
+        forward_stream), or (y, None) without one.
+        """
         impl = _resolve_impl(self.impl, x)
-        # Projections are written as W @ [B, C, L] so that every tensor keeps time innermost,
-        # the scan's layout: no transposed copies, and contiguous gradients for the conv
-        # (oneDNN's depthwise conv backward is several times slower on strided gradients).
-        xz = _project(self.in_proj.weight, x.transpose(1, 2))  # [B, 2*d_inner, L]
+        xz = _project(self.in_proj.weight, x)  # [B, 2*d_inner, L]
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
         u, z = xz.chunk(2, dim=1)  # [B, d_inner, L] each
-        if state is not None:
-            # the previous inputs stand in for the conv's zero padding, whose outputs go
-            u = torch.cat([state[0], u], dim=-1)  # [B, d_inner, d_conv - 1 + L]
-            conv_state = u[..., u.shape[-1] - (self.d_conv - 1) :].clone()
-        if impl == "cuda":
+        # the previous inputs stand in for the conv's zero padding
+        prev = state[0] if state is not None else None
+        if prev is not None:
+            conv_state = (
+                u if u.shape[-1] >= self.d_conv - 1 else torch.cat([prev, u], dim=-1)
+            )[..., -(self.d_conv - 1) :].clone()
+        if impl == "compiled":
+            u = _conv_silu_compiled(u, self.conv1d.weight, self.conv1d.bias, prev)
+        elif impl == "cuda":
             from causal_conv1d import causal_conv1d_fn
 
             w = self.conv1d.weight.squeeze(1)
-            u = causal_conv1d_fn(u, w, self.conv1d.bias, activation="silu")
-        elif impl == "compiled":
-            u = _conv_silu_compiled(u, self.conv1d.weight, self.conv1d.bias)
+            if prev is None:
+                u = causal_conv1d_fn(u, w, self.conv1d.bias, activation="silu")
+            else:
+                u = causal_conv1d_fn(
+                    torch.cat([prev, u], dim=-1), w, self.conv1d.bias, activation="silu"
+                )[..., self.d_conv - 1 :]
         else:
-            # left padding only, the same as conv1d's padding d_conv-1 cut to the first L
-            # outputs, without the cut's zero-filled gradient
-            u_pad = F.pad(u, (self.d_conv - 1, 0))
+            # left padding (or the previous inputs) only, the same as conv1d's padding
+            # d_conv-1 cut to the first L outputs, without the cut's zero-filled gradient
+            u_in = F.pad(u, (self.d_conv - 1, 0)) if prev is None else torch.cat([prev, u], -1)
             u = F.silu(
-                F.conv1d(
-                    u_pad, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner
-                )
+                F.conv1d(u_in, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
             )  # [B, d_inner, L]
-        if state is not None:
-            u = u[..., self.d_conv - 1 :]
         x_dbl = _project(self.x_proj.weight, u)  # [B, dt_rank + 2N, L]
         dt, Bm, Cm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = _project(self.dt_proj.weight, dt)  # [B, d_inner, L]
@@ -741,7 +755,9 @@ class Mamba(nn.Module):
             initial_state=state[1] if resumed else None,
             return_last_state=state is not None,
         )  # [B, d_inner, L], or with the last scan state [B, d_inner, N]
-        if state is None:
-            return self.out_proj(y.transpose(1, 2)), None  # [B, L, d_model]
-        y, scan_state = y
-        return self.out_proj(y.transpose(1, 2)), (conv_state, scan_state)
+        if state is not None:
+            y, scan_state = y
+        y = _project(self.out_proj.weight, y)  # [B, d_model, L]
+        if self.out_proj.bias is not None:
+            y = y + self.out_proj.bias[:, None]
+        return y, (conv_state, scan_state) if state is not None else None

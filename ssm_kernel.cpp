@@ -219,12 +219,16 @@ struct Scan {
   }
 };
 
-// One step of one channel: h += expm1(dt A) h + dt u B; returns C . h. m gets expm1(dt A)
-// (the backward keeps it). NS > 0 fixes the state count at compile time.
+// One step of one channel: h += expm1(dt A) h + dt u B; p gets the terms of C . h, m gets
+// expm1(dt A) (the backward keeps it). NS > 0 fixes the state count at compile time.
+//
+// The terms are summed later, by the caller, for a block of steps at once (sum_states): summed
+// here, the sum reads back the vector just stored in narrower pieces, a load the CPU cannot
+// forward from the store, so each step waited for its store to retire (1.7x slower on AVX2).
 template <typename T, int NS, bool kClamp>
-inline T step_states(int64_t N, const T* __restrict a, T dt, T x, const T* __restrict Bt,
-                     const T* __restrict Ct, T* __restrict h, T* __restrict m) {
-  alignas(64) T p[kMaxN];
+inline void step_states(int64_t N, const T* __restrict a, T dt, T x, const T* __restrict Bt,
+                        const T* __restrict Ct, T* __restrict h, T* __restrict m,
+                        T* __restrict p) {
 #pragma omp simd
   for (int64_t n = 0; n < (NS > 0 ? NS : N); ++n) {
     const T mn = expm1_simd<T, kClamp>(dt * a[n]);
@@ -233,16 +237,16 @@ inline T step_states(int64_t N, const T* __restrict a, T dt, T x, const T* __res
     p[n] = hn * Ct[n];
     m[n] = mn;
   }
-  return sum_states<T, NS>(p, N);
 }
 
 // a_lo, a_hi: the channel's smallest and largest A, to tell whether dt * A needs the clamp.
 template <typename T, int NS>
-inline T step(int64_t N, const T* a, T a_lo, T a_hi, T dt, T x, const T* Bt, const T* Ct, T* h,
-              T* m) {
+inline void step(int64_t N, const T* a, T a_lo, T a_hi, T dt, T x, const T* Bt, const T* Ct,
+                 T* h, T* m, T* p) {
   if (in_exp_range(dt * a_lo, dt * a_hi))
-    return step_states<T, NS, false>(N, a, dt, x, Bt, Ct, h, m);
-  return step_states<T, NS, true>(N, a, dt, x, Bt, Ct, h, m);
+    step_states<T, NS, false>(N, a, dt, x, Bt, Ct, h, m, p);
+  else
+    step_states<T, NS, true>(N, a, dt, x, Bt, Ct, h, m, p);
 }
 
 template <typename T>
@@ -264,8 +268,9 @@ void forward_task(const Scan<T>& s, int64_t b, int64_t d0, int64_t d1, T* out, T
                 states.begin() + (d - d0) * N);
   const T* __restrict B = s.B + b * L * N;
   const T* __restrict C = s.C + b * L * N;
-  std::vector<T> dtbuf(K);
+  std::vector<T> dtbuf(K), terms(K * N);
   T* __restrict dt = dtbuf.data();
+  T* __restrict p = terms.data();
   for (int64_t c = 0; c < nblk; ++c) {
     const int64_t t0 = c * K, t1 = std::min(L, t0 + K);
     for (int64_t d = d0; d < d1; ++d) {
@@ -282,9 +287,11 @@ void forward_task(const Scan<T>& s, int64_t b, int64_t d0, int64_t d1, T* out, T
       s.step_sizes(bd, t0, t1, dt);
       for (int64_t t = t0; t < t1; ++t) {
         const T dtv = dt[t - t0];
-        const T y = step<T, NS>(N, a, a_lo, a_hi, dtv, dtv * u[t], B + t * N, C + t * N, h, m);
-        o[t] = y + Dv * u[t];
+        step<T, NS>(N, a, a_lo, a_hi, dtv, dtv * u[t], B + t * N, C + t * N, h, m,
+                    p + (t - t0) * N);
       }
+      for (int64_t t = t0; t < t1; ++t)
+        o[t] = sum_states<T, NS>(p + (t - t0) * N, N) + Dv * u[t];
       if (s.z != nullptr) {
         const T* __restrict z = s.z + bd * L;
 #pragma omp simd
@@ -313,12 +320,12 @@ struct Grads {
 // Backward of one channel over one block [t0, t1): recomputes the block's states from its
 // stored first state, then runs the adjoint back through it. gh: the state's adjoint (in: at
 // the block's end; out: at its start); gA_block: this block's dA sums, added to.
-// Per-block scratch of backward_block: states and expm1(dt A) [K, N]; dt and the gradient of
-// the ungated output [K].
+// Per-block scratch of backward_block: states, expm1(dt A) and two sets of terms to sum over
+// the states (p, q) [K, N]; dt and the gradient of the ungated output [K].
 template <typename T>
 struct BlockWork {
-  std::vector<T> h, m, dt, gy;
-  BlockWork(int64_t K, int64_t N) : h(K * N), m(K * N), dt(K), gy(K) {}
+  std::vector<T> h, m, p, q, dt, gy;
+  BlockWork(int64_t K, int64_t N) : h(K * N), m(K * N), p(K * N), q(K * N), dt(K), gy(K) {}
 };
 
 template <typename T, int NS>
@@ -341,13 +348,17 @@ void backward_block(const Scan<T>& s, const Grads<T>& g, int64_t bd, int64_t t0,
   T a_lo, a_hi;
   a_range(a, N, &a_lo, &a_hi);
   s.step_sizes(bd, t0, t1, dt);
+  T* __restrict p = w.p.data();
+  T* __restrict q = w.q.data();
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t j = t - t0;
-    const T y = step<T, NS>(N, a, a_lo, a_hi, dt[j], dt[j] * u[t], B + t * N, C + t * N, h,
-                            mbuf + j * N);
+    step<T, NS>(N, a, a_lo, a_hi, dt[j], dt[j] * u[t], B + t * N, C + t * N, h, mbuf + j * N,
+                p + j * N);
     std::copy(h, h + N, hbuf + j * N);
-    gys[j] = y + Dv * u[t];  // the ungated output, until the gate's gradients are out
   }
+  // the ungated output, until the gate's gradients are out
+  for (int64_t t = t0; t < t1; ++t)
+    gys[t - t0] = sum_states<T, NS>(p + (t - t0) * N, N) + Dv * u[t];
   if (s.z != nullptr) {
     const T* __restrict z = s.z + bd * L;
     T* __restrict gz = g.gz + bd * L;
@@ -370,7 +381,9 @@ void backward_block(const Scan<T>& s, const Grads<T>& g, int64_t bd, int64_t t0,
     const T* __restrict Ct = C + t * N;
     T* __restrict gBt = gB + j * N;
     T* __restrict gCt = gC + j * N;
-    alignas(64) T pA[kMaxN], pB[kMaxN];  // the terms of d loss / d dt and of d loss / d (dt u)
+    // the terms of d loss / d dt and of d loss / d (dt u), summed after the loop
+    T* __restrict pA = p + j * N;
+    T* __restrict pB = q + j * N;
     gD += static_cast<double>(gy) * uv;
 #pragma omp simd
     for (int64_t n = 0; n < (NS > 0 ? NS : N); ++n) {
@@ -384,9 +397,12 @@ void backward_block(const Scan<T>& s, const Grads<T>& g, int64_t bd, int64_t t0,
       pB[n] = gn * Bt[n];
       gh[n] = ge;
     }
-    const T sA = sum_states<T, NS>(pA, N), sB = sum_states<T, NS>(pB, N);
-    g.gu[bd * L + t] = gy * Dv + dtv * sB;
-    g.gdelta[bd * L + t] = sA + uv * sB;  // d loss / d dt, until the softplus below
+  }
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t j = t - t0;
+    const T sA = sum_states<T, NS>(p + j * N, N), sB = sum_states<T, NS>(q + j * N, N);
+    g.gu[bd * L + t] = gys[j] * Dv + dt[j] * sB;
+    g.gdelta[bd * L + t] = sA + u[t] * sB;  // d loss / d dt, until the softplus below
   }
   if (s.softplus) {
     T* __restrict gdelta = g.gdelta + bd * L;
@@ -453,13 +469,19 @@ void backward(const Scan<T>& s, const Grads<T>& g, const T* hs, int n_threads) {
   });
 }
 
-// Causal depthwise conv (kernel K, left zero padding K-1) followed by SiLU, one task per row
-// of [b, d, L], in T; the backward recomputes the pre-activation instead of storing it.
+// Causal depthwise conv (kernel K) followed by SiLU, one task per row of [b, d, L], in T; in
+// front of each row either the row's K-1 previous inputs (prev [b, d, K-1], a stream going on)
+// or, without prev, K-1 zeros. The backward recomputes the pre-activation instead of storing
+// it.
 template <typename T>
-void conv_pre(const T* x, const T* w, T bias, int64_t L, int64_t K, T* __restrict xp,
-              T* __restrict pre) {
-  // xp: the row with K-1 zeros in front; one loop over time per tap, so each vectorises
-  std::fill(xp, xp + K - 1, T(0));
+void conv_pre(const T* x, const T* prev, const T* w, T bias, int64_t L, int64_t K,
+              T* __restrict xp, T* __restrict pre) {
+  // xp: the row with what comes before it in front; one loop over time per tap, so each
+  // vectorises
+  if (prev != nullptr)
+    std::copy(prev, prev + K - 1, xp);
+  else
+    std::fill(xp, xp + K - 1, T(0));
   std::copy(x, x + L, xp + K - 1);
   std::fill(pre, pre + L, bias);
   for (int64_t k = 0; k < K; ++k) {
@@ -470,13 +492,14 @@ void conv_pre(const T* x, const T* w, T bias, int64_t L, int64_t K, T* __restric
 }
 
 template <typename T>
-void conv_silu_forward(const T* x, const T* w, const T* bias, int64_t nb, int64_t nd,
-                       int64_t L, int64_t K, T* out, int n_threads) {
+void conv_silu_forward(const T* x, const T* prev, const T* w, const T* bias, int64_t nb,
+                       int64_t nd, int64_t L, int64_t K, T* out, int n_threads) {
   parallel_for(nb * nd, n_threads, [&](int64_t bd) {
     const int64_t d = bd % nd;
     std::vector<T> xbuf(L + K - 1), pbuf(L);
     T* __restrict pre = pbuf.data();
-    conv_pre(x + bd * L, w + d * K, bias[d], L, K, xbuf.data(), pre);
+    conv_pre(x + bd * L, prev != nullptr ? prev + bd * (K - 1) : nullptr, w + d * K, bias[d], L,
+             K, xbuf.data(), pre);
     T* __restrict o = out + bd * L;
 #pragma omp simd
     for (int64_t t = 0; t < L; ++t) o[t] = pre[t] * sigmoid(pre[t]);
@@ -484,9 +507,9 @@ void conv_silu_forward(const T* x, const T* w, const T* bias, int64_t nb, int64_
 }
 
 template <typename T>
-void conv_silu_backward(const T* x, const T* w, const T* bias, const T* gout, int64_t nb,
-                        int64_t nd, int64_t L, int64_t K, T* gx, double* gw, double* gb,
-                        int n_threads) {
+void conv_silu_backward(const T* x, const T* prev, const T* w, const T* bias, const T* gout,
+                        int64_t nb, int64_t nd, int64_t L, int64_t K, T* gx, T* gprev,
+                        double* gw, double* gb, int n_threads) {
   parallel_for(nb * nd, n_threads, [&](int64_t bd) {
     const int64_t d = bd % nd;
     // gp: d out / d pre-activation with K-1 zeros behind
@@ -494,7 +517,8 @@ void conv_silu_backward(const T* x, const T* w, const T* bias, const T* gout, in
     T* __restrict xp = xbuf.data();
     T* __restrict pre = pbuf.data();
     T* __restrict gp = gbuf.data();
-    conv_pre(x + bd * L, w + d * K, bias[d], L, K, xp, pre);
+    conv_pre(x + bd * L, prev != nullptr ? prev + bd * (K - 1) : nullptr, w + d * K, bias[d], L,
+             K, xp, pre);
     const T* __restrict go = gout + bd * L;
     double gbias = 0.0;
 #pragma omp simd reduction(+ : gbias)
@@ -517,6 +541,13 @@ void conv_silu_backward(const T* x, const T* w, const T* bias, const T* gout, in
       }
       gw[bd * K + k] = gwk;
     }
+    // prev[i] feeds outputs 0 .. i through taps i .. 0
+    if (gprev != nullptr)
+      for (int64_t i = 0; i < K - 1; ++i) {
+        T sum = 0;
+        for (int64_t k = 0; k <= i; ++k) sum += w[d * K + k] * gp[i - k];
+        gprev[bd * (K - 1) + i] = sum;
+      }
   });
 }
 
@@ -586,15 +617,16 @@ void channel_norm_forward(const T* x, const T* w, const T* bias, int64_t nb, int
   }
 
 #define CONV_API(T, SUFFIX)                                                                  \
-  extern "C" void conv_fwd_##SUFFIX(const T* x, const T* w, const T* bias, int64_t nb,      \
-                                     int64_t nd, int64_t L, int64_t K, T* out,              \
+  extern "C" void conv_fwd_##SUFFIX(const T* x, const T* prev, const T* w, const T* bias,  \
+                                     int64_t nb, int64_t nd, int64_t L, int64_t K, T* out,  \
                                      int n_threads) {                                       \
-    conv_silu_forward(x, w, bias, nb, nd, L, K, out, n_threads);                            \
+    conv_silu_forward(x, prev, w, bias, nb, nd, L, K, out, n_threads);                      \
   }                                                                                         \
-  extern "C" void conv_bwd_##SUFFIX(const T* x, const T* w, const T* bias, const T* gout,   \
-                                     int64_t nb, int64_t nd, int64_t L, int64_t K, T* gx,   \
-                                     double* gw, double* gb, int n_threads) {               \
-    conv_silu_backward(x, w, bias, gout, nb, nd, L, K, gx, gw, gb, n_threads);              \
+  extern "C" void conv_bwd_##SUFFIX(const T* x, const T* prev, const T* w, const T* bias,   \
+                                     const T* gout, int64_t nb, int64_t nd, int64_t L,      \
+                                     int64_t K, T* gx, T* gprev, double* gw, double* gb,    \
+                                     int n_threads) {                                       \
+    conv_silu_backward(x, prev, w, bias, gout, nb, nd, L, K, gx, gprev, gw, gb, n_threads); \
   }
 
 #define NORM_API(T, SUFFIX)                                                                  \

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ssm
 from models import (
@@ -220,17 +221,18 @@ def test_mamba_stack_without_gradients_runs_in_pieces_with_the_same_result(
     monkeypatch.setattr(
         MambaResidualBlock,
         "forward_stream",
-        lambda self, h, state=None: pieces.append(h.shape[1]) or original(self, h, state),
+        lambda self, h, state=None: pieces.append(h.shape[-1]) or original(self, h, state),
     )
     with torch.no_grad():
         chunked = stack(x)
     one_pass = stack(x).detach()  # gradients enabled: one pass
     assert pieces == [64, 64, 64, 64, 64, 64, 58, 58]  # each piece through both blocks
     torch.testing.assert_close(chunked, one_pass, rtol=1e-5, atol=1e-6)
-    # and the one pass is the blocks applied in order
+    # and the one pass is the blocks applied in order, in mamba_ssm's layout [B, L, C]
     h = x.transpose(1, 2)
     for block in stack.blocks:
-        h = h + block.mamba(block.norm(h))
+        normed = F.layer_norm(h, (8,), block.norm.weight, block.norm.bias, block.norm.eps)
+        h = h + block.mamba(normed)
     torch.testing.assert_close(one_pass, h.transpose(1, 2).detach())
 
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ssm
 
@@ -307,13 +308,21 @@ def test_mamba_compiled_matches_torch():
         assert rel_err(g, g_t) <= 1e-5, name
 
 
-def test_compiled_conv_gradcheck():
+@pytest.mark.parametrize("with_prev", [False, True])
+def test_compiled_conv_gradcheck(with_prev):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 9, generator=g, dtype=torch.float64)
     weight = torch.randn(3, 4, generator=g, dtype=torch.float64)
     bias = torch.randn(3, generator=g, dtype=torch.float64)
-    args = [a.requires_grad_(True) for a in (x, weight, bias)]
+    prev = torch.randn(2, 3, 3, generator=g, dtype=torch.float64) if with_prev else None
+    args = [a.requires_grad_(True) for a in (x, weight, bias, prev) if a is not None]
+    if not with_prev:
+        args.append(None)
     assert torch.autograd.gradcheck(ssm._CompiledConvSiLU.apply, args)
+    # the same function as conv1d over [prev, x] (zeros without prev), then SiLU
+    front = prev if with_prev else torch.zeros(2, 3, 3, dtype=torch.float64)
+    expected = F.silu(F.conv1d(torch.cat([front, x], -1), weight[:, None], bias, groups=3))
+    torch.testing.assert_close(ssm._CompiledConvSiLU.apply(*args), expected)
 
 
 @pytest.mark.parametrize("length", [1, 5, 200])

@@ -106,13 +106,14 @@ def test_merge_emits_what_both_streams_have():
 def test_mamba_state_carried_across_calls_equals_one_call(impl):
     torch.manual_seed(0)
     mamba = ssm.Mamba(8, d_state=4, impl=impl).double()
-    x = torch.randn(2, 200, 8, dtype=torch.float64)
+    x = torch.randn(2, 200, 8, dtype=torch.float64)  # [B, L, d_model]
     with torch.no_grad():
         whole = mamba(x)
         pieces, state, start = [], None, 0
         for n in (1, 2, 0, 3, 17, 77, 100):
-            y, state = mamba.forward_stream(x[:, start : start + n], state)
-            pieces.append(y)
+            # forward_stream is channels-first
+            y, state = mamba.forward_stream(x[:, start : start + n].transpose(1, 2), state)
+            pieces.append(y.transpose(1, 2))
             start += n
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-10, atol=1e-12)
 
