@@ -141,6 +141,20 @@ class ConvUnit(nn.Module):
         return self.norm(x, LRELU_SLOPE)
 
 
+class AvgPool2(nn.AvgPool1d):
+    """nn.AvgPool1d(2, 2) as one add of the even and the odd samples: the same numbers (a sum
+    halved), 8-10x faster on CPU than PyTorch's pooling kernel on the U-Net's long [B, C, T]
+    (12 ms against 1.5 ms on [1, 32, 192,000], two threads)."""
+
+    def __init__(self):
+        super().__init__(2, 2)
+
+    def forward(self, x):
+        # x: [B, C, L] -> [B, C, L // 2]; an odd last sample is dropped, as by AvgPool1d
+        x = x[..., : x.shape[-1] // 2 * 2]
+        return (x[..., 0::2] + x[..., 1::2]) * 0.5
+
+
 class EncoderBlock(nn.Module):
     """Down block (pool=True) or bottleneck (pool=False): two conv units, then Mamba."""
 
@@ -159,7 +173,7 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.conv_in = ConvUnit(c_in, c_out, kernel_size)
         self.conv_res = ConvUnit(c_out, c_out, kernel_size)
-        self.pool = nn.AvgPool1d(2, 2) if pool else nn.Identity()
+        self.pool = AvgPool2() if pool else nn.Identity()
         self.mamba = MambaStack(c_out, n_mamba, d_state, d_conv, expand, scan_impl)
 
     def forward(self, x):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import ssm
 from models import (
+    AvgPool2,
     ChannelLayerNorm,
     MambaResidualBlock,
     MambaStack,
@@ -234,6 +235,18 @@ def test_mamba_stack_without_gradients_runs_in_pieces_with_the_same_result(
         normed = F.layer_norm(h, (8,), block.norm.weight, block.norm.bias, block.norm.eps)
         h = h + block.mamba(normed)
     torch.testing.assert_close(one_pass, h.transpose(1, 2).detach())
+
+
+@pytest.mark.parametrize("length", [2, 7, 250])
+def test_avg_pool2_is_avg_pool1d(length):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, length, requires_grad=True)
+    y, y_ref = AvgPool2()(x), torch.nn.AvgPool1d(2, 2)(x)
+    assert torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gx_ref,) = torch.autograd.grad(y_ref, x, g)
+    assert torch.equal(gx, gx_ref)
 
 
 def test_state_dict_round_trip():
