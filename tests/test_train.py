@@ -178,21 +178,29 @@ def test_train_step_updates_both_discriminators(data):
 def _assert_same_steps(first, second, batch, atol: float) -> None:
     """Three steps of each (run, step function) on one batch give the same losses (to 1e-5),
     gradient norms (to 1e-3: rounding, which the tiny generator's large, clipped gradients
-    amplify in their norm) and weights (to 1e-5 and atol)."""
+    amplify in their norm) and weights (to 1e-5 and atol).
+
+    Weights: AdamW divides each gradient by its own running scale, so where a gradient is
+    near zero, rounding in it can move that weight's step by up to the step itself (the
+    learning rate). A few such weights in a hundred thousand may differ by up to that bound;
+    all others must agree to the tolerance."""
     (run, step), (other, other_step) = first, second
-    for _ in range(3):
+    n_steps = 3
+    for _ in range(n_steps):
         logs, expected = step(run, batch), other_step(other, batch)
         assert logs.keys() == expected.keys()
         for key in expected:
             rel = 1e-3 if key.startswith("grad_norm") else 1e-5
             assert logs[key] == pytest.approx(expected[key], rel=rel), key
+    bound = 2 * n_steps * run.cfg.train.learning_rate
     for name in ("generator", "mpd", "msd"):
         for (key, p), p_expected in zip(
             getattr(run, name).named_parameters(), getattr(other, name).parameters()
         ):
-            torch.testing.assert_close(
-                p, p_expected, rtol=1e-5, atol=atol, msg=lambda m, key=key: f"{key}: {m}"
-            )
+            diff = (p - p_expected).abs()
+            outside = diff > atol + 1e-5 * p_expected.abs()
+            assert outside.float().mean() <= 1e-5, f"{key}: {outside.sum()} weights differ"
+            assert diff.max() <= bound, f"{key}: {diff.max()} > {bound}"
 
 
 def _two_pass_step(run, batch) -> dict[str, float]:
