@@ -59,20 +59,23 @@ def generator_gflop_per_second_of_audio(seconds: float = 0.2) -> tuple[float, fl
     g.remove_weight_norm()
     x = noise_input(g, seconds)
     scan_flops = [0]
-    for m in g.modules():
-        if isinstance(m, ssm.Mamba):
-            m.register_forward_hook(
-                lambda m, a, out: scan_flops.__setitem__(
-                    0, scan_flops[0] + 7 * m.d_inner * m.d_state * out.shape[:2].numel()
-                )
-            )
+    scan = ssm.selective_scan
+
+    def counted_scan(u, delta, A, *args, **kwargs):
+        scan_flops[0] += 7 * u.numel() * A.shape[1]  # u: [B, d_inner, L]; A: [d_inner, N]
+        return scan(u, delta, A, *args, **kwargs)
+
     counter = FlopCounterMode(display=False)
-    # Gradient mode on, so that MambaStack runs one pass through Mamba.forward (without it the
-    # stack goes through forward_stream in pieces, which the hooks do not see); no parameter
-    # needs a gradient, so no graph is kept (the workers inherit this process's peak memory).
+    # Gradient mode on, so that MambaStack runs one pass (without it the stack goes through
+    # its stream path in pieces, the same work); no parameter needs a gradient, so no graph is
+    # kept (the workers inherit this process's peak memory).
     g.requires_grad_(False)
-    with counter:
-        g(x)
+    ssm.selective_scan = counted_scan
+    try:
+        with counter:
+            g(x)
+    finally:
+        ssm.selective_scan = scan
     audio_seconds = x.shape[-1] / SAMPLING_RATE
     return (
         counter.get_total_flops() / audio_seconds / 1e9,
