@@ -4,7 +4,10 @@ Run from the repo root: `python -m bench.bench_model` (several minutes; see --he
 runs in a fresh subprocess so its peak resident memory (ru_maxrss) is its own: the generator's
 forward, and the public API (`SuperResolver.upsample` with the shipped model on 16 kHz
 speech). Beside wall-clock RTF each row gives the process CPU time per second of audio, which
-other jobs on a shared machine disturb much less. Prints Markdown tables; no asserts.
+other jobs on a shared machine disturb much less. `--baseline REV` times the code of an older
+commit (a temporary `git worktree`, run by this script's own workers) beside this checkout's,
+alternated `--rounds` times, so that a shared machine's drift falls on both alike. Prints
+Markdown tables; no asserts.
 """
 
 import argparse
@@ -15,6 +18,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -226,15 +230,17 @@ def worker_train(args) -> dict:
     }
 
 
-def run_worker(mode: str, impl: str, args, extra=()) -> dict:
-    cmd = [sys.executable, "-m", "bench.bench_model", "--worker", mode, "--impl", impl]
+def run_worker(mode: str, impl: str, args, extra=(), root=".") -> dict:
+    """This script as a worker process on the code in folder root (this checkout, or a
+    baseline's worktree): the worker imports models, ssm, ... from there."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--impl", impl]
     cmd += ["--seconds", str(args.seconds), "--runs", str(args.runs)]
     cmd += ["--warmup", str(args.warmup), *extra]
-    env = dict(os.environ)
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(root))
     if args.omp_passive:
         # libgomp reads this when it starts, so only a fresh process can have it
         env["OMP_WAIT_POLICY"] = "PASSIVE"
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
         return {"error": tail[0]}
@@ -269,6 +275,12 @@ def _parse_args() -> argparse.Namespace:
         "--omp-passive",
         action="store_true",
         help="run the cases with OMP_WAIT_POLICY=PASSIVE (idle threads sleep, not spin)",
+    )
+    parser.add_argument(
+        "--baseline", metavar="REV", help="also time the code of this git commit, alternated"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="alternations of baseline and this checkout"
     )
     parser.add_argument(
         "--worker", choices=["rtf", "api", "profile", "train"], help=argparse.SUPPRESS
@@ -320,6 +332,30 @@ def print_train_step(args) -> None:
         print(
             f"| {r['source']} | {r['step_s']:.2f} | {runs} | {r['peak_rss_mb']:.0f} |"
         )
+
+
+def print_rtf_rows(args, label, root, impl, threads, gflops, work) -> list:
+    """The generator's and the API's rows for one code, scan impl and thread count; returns
+    [(impl, threads)] if the generator ran (for the profile), else []."""
+    ran = []
+    for mode, what in (("rtf", "generator"), ("api", "API")):
+        if mode == "api" and args.no_api:
+            continue
+        r = run_worker(mode, impl, args, ["--num-threads", str(threads)], root=root)
+        if "error" in r:
+            print(f"| {label} | {impl} | {threads} | {what} | failed: {r['error']} | | | | | |")
+            continue
+        if mode == "rtf" and root == ".":
+            ran.append((impl, threads))
+        runs = ", ".join(f"{t:.1f}" for t in r["times"])
+        print(
+            f"| {label} | {impl} | {threads} | {what} | {r['rtf']:.3f} | {runs} "
+            f"| {r['rtf'] * gflops[threads] / work:.2f} "
+            f"| {r['rtf_best'] * gflops[threads] / work:.2f} | {r['cpu_per_s']:.2f} "
+            f"| {r['peak_rss_mb']:.0f} |"
+        )
+        sys.stdout.flush()
+    return ran
 
 
 def main():
@@ -374,30 +410,31 @@ def main():
     # The floor is the matrix product's best run; "best" puts the generator's best run beside
     # it (the same statistic), "median" its typical one (which a shared machine slows more).
     print(
-        "| scan impl | threads | what | RTF (median) | runs (s) | RTF / floor (median) |"
+        "| code | scan impl | threads | what | RTF (median) | runs (s) | RTF / floor (median) |"
         " RTF / floor (best run) | CPU s per s of audio | peak RSS (MB) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    sources = [("this checkout", ".")]
+    if args.baseline:
+        worktree = tempfile.mkdtemp(prefix="bench_baseline_")
+        added = subprocess.run(
+            ["git", "worktree", "add", "--detach", worktree, args.baseline],
+            capture_output=True,
+            text=True,
+        )
+        if added.returncode != 0:
+            sys.exit(f"git worktree add {args.baseline} failed: {added.stderr.strip()}")
+        sources.insert(0, (f"@{args.baseline}", worktree))
     ok = []
-    for impl in args.impls:
-        for threads in args.threads:
-            for mode, what in (("rtf", "generator"), ("api", "API")):
-                if mode == "api" and args.no_api:
-                    continue
-                r = run_worker(mode, impl, args, ["--num-threads", str(threads)])
-                if "error" in r:
-                    print(f"| {impl} | {threads} | {what} | failed: {r['error']} | | | | | |")
-                    continue
-                if mode == "rtf":
-                    ok.append((impl, threads))
-                runs = ", ".join(f"{t:.1f}" for t in r["times"])
-                print(
-                    f"| {impl} | {threads} | {what} | {r['rtf']:.3f} | {runs} "
-                    f"| {r['rtf'] * gflops[threads] / work:.2f} "
-                    f"| {r['rtf_best'] * gflops[threads] / work:.2f} | {r['cpu_per_s']:.2f} "
-                    f"| {r['peak_rss_mb']:.0f} |"
-                )
-                sys.stdout.flush()
+    try:
+        for _ in range(args.rounds):
+            for label, root in sources:
+                for impl in args.impls:
+                    for threads in args.threads:
+                        ok += print_rtf_rows(args, label, root, impl, threads, gflops, work)
+    finally:
+        if args.baseline:
+            subprocess.run(["git", "worktree", "remove", "--force", worktree])
 
     if not args.no_profile:
         print_profiles(args, ok)
