@@ -7,11 +7,12 @@ float32. The error column is the largest norm-wise relative error ||a - b|| / ||
 output and every gradient against `selective_scan_ref` in float64. "CPU ms" is process CPU
 time summed over threads, less disturbed than wall-clock time on a shared machine.
 `--baseline REV` adds the compiled kernel of an older commit (its ssm.py and ssm_kernel.cpp,
-taken with git) beside today's, in the same run. Prints a Markdown table; no asserts.
+taken with git) beside today's, in the same run, the two taking turns run by run. Prints a Markdown table; no asserts.
 """
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import os
 import platform
@@ -74,17 +75,21 @@ def run(inputs, impl, backward, module=ssm):
     return [y, *torch.autograd.grad(y, xs, gy)]
 
 
-def best_ms(fn, repeats):
-    """Best wall-clock and best CPU (all threads) time of `repeats` runs after a warm-up, in ms."""
-    fn()  # warm-up (and, the first time, the kernel build)
-    wall, cpu = [], []
+def best_ms(fns, repeats):
+    """Best wall-clock and best CPU (all threads) time, in ms, of `repeats` runs of each
+    function after a warm-up: [(wall, cpu)] in the order of fns. The functions take turns, run
+    by run, so that a shared machine's slow minutes fall on all of them alike."""
+    for fn in fns:
+        fn()  # warm-up (and, the first time, the kernel build)
+    wall, cpu = [[] for _ in fns], [[] for _ in fns]
     for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+        for i, fn in enumerate(fns):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[i].append(time.perf_counter() - t0)
+            cpu[i].append(time.process_time() - c0)
     # the best run: the machine is shared, the minimum is the least disturbed
-    return min(wall) * 1e3, min(cpu) * 1e3
+    return [(min(w) * 1e3, min(c) * 1e3) for w, c in zip(wall, cpu)]
 
 
 def max_rel_err(results, reference):
@@ -135,11 +140,24 @@ def main():
         rows.append(("compiled", "compiled", ssm))
         if i == len(SIZES) - 1:
             rows.append(("ref", "ref", ssm))
+        # the compiled rows (today's and the baseline's) take turns; the slow ones run once
+        compiled = [row for row in rows if row[1] == "compiled"]
+        timed = {}
+        for backward in (False, True):
+            fns = [
+                functools.partial(run, inputs, impl, backward, module)
+                for _, impl, module in compiled
+            ]
+            for (label, _, _), result in zip(compiled, best_ms(fns, a.repeats)):
+                timed[label, backward] = result
         times = {}
         for label, impl, module in rows:
-            repeats = 1 if impl != "compiled" else a.repeats
-            fwd, _ = best_ms(lambda: run(inputs, impl, False, module), repeats)
-            both, both_cpu = best_ms(lambda: run(inputs, impl, True, module), repeats)
+            if impl == "compiled":
+                fwd, _ = timed[label, False]
+                both, both_cpu = timed[label, True]
+            else:
+                ((fwd, _),) = best_ms([lambda: run(inputs, impl, False, module)], 1)
+                ((both, both_cpu),) = best_ms([lambda: run(inputs, impl, True, module)], 1)
             times[label] = (fwd, both)
             err = "-"
             if reference is not None:
