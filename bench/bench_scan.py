@@ -7,7 +7,8 @@ float32. The error column is the largest norm-wise relative error ||a - b|| / ||
 output and every gradient against `selective_scan_ref` in float64. "CPU ms" is process CPU
 time summed over threads, less disturbed than wall-clock time on a shared machine.
 `--baseline REV` adds the compiled kernel of an older commit (its ssm.py and ssm_kernel.cpp,
-taken with git) beside today's, in the same run, the two taking turns run by run. Prints a Markdown table; no asserts.
+taken with git) beside today's, in the same run, the two taking turns run by run. Prints a
+Markdown table; no asserts.
 """
 
 import argparse
@@ -140,24 +141,23 @@ def main():
         rows.append(("compiled", "compiled", ssm))
         if i == len(SIZES) - 1:
             rows.append(("ref", "ref", ssm))
-        # the compiled rows (today's and the baseline's) take turns; the slow ones run once
+        # the compiled rows (today's and the baseline's) take turns, a.repeats runs each; the
+        # slow ones run once, alone
         compiled = [row for row in rows if row[1] == "compiled"]
+        groups = [compiled] + [[row] for row in rows if row[1] != "compiled"]
         timed = {}
-        for backward in (False, True):
-            fns = [
-                functools.partial(run, inputs, impl, backward, module)
-                for _, impl, module in compiled
-            ]
-            for (label, _, _), result in zip(compiled, best_ms(fns, a.repeats)):
-                timed[label, backward] = result
+        for group in groups:
+            repeats = a.repeats if group is compiled else 1
+            for backward in (False, True):
+                fns = [
+                    functools.partial(run, inputs, impl, backward, module)
+                    for _, impl, module in group
+                ]
+                for (label, _, _), result in zip(group, best_ms(fns, repeats)):
+                    timed[label, backward] = result
         times = {}
         for label, impl, module in rows:
-            if impl == "compiled":
-                fwd, _ = timed[label, False]
-                both, both_cpu = timed[label, True]
-            else:
-                ((fwd, _),) = best_ms([lambda: run(inputs, impl, False, module)], 1)
-                ((both, both_cpu),) = best_ms([lambda: run(inputs, impl, True, module)], 1)
+            (fwd, _), (both, both_cpu) = timed[label, False], timed[label, True]
             times[label] = (fwd, both)
             err = "-"
             if reference is not None:
