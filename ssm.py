@@ -22,11 +22,11 @@ entry point `selective_scan(..., impl=...)` and `Mamba`.
 The compiled kernel is C++ (ssm_kernel.cpp) built with g++ on first use (a few seconds: no
 torch headers; called through ctypes), not numba: the scan spends most of its time in
 exp(dt * A), 16 per step, and numba (no SVML here) calls libm's exp lane by lane, while the
-kernel's own exp vectorises over the 16 states. float32 inputs are computed in float32 (the
-kernel's comment says why that stays within 1e-5 of float64 over 48,000 steps); the forward
-stores the state every _CHUNK steps and the backward recomputes each chunk. The kernel also has
-Mamba's causal depthwise conv + SiLU, because oneDNN's depthwise conv backward costs as much as
-the whole scan.
+kernel's own exp vectorises (over channels in the forward, over the 16 states in the
+backward). float32 inputs are computed in float32 (the kernel's comment says why that stays
+within 1e-5 of float64 over 48,000 steps); the forward stores the state every _CHUNK steps
+and the backward recomputes each chunk. The kernel also has Mamba's causal depthwise conv +
+SiLU, because oneDNN's depthwise conv backward costs as much as the whole scan.
 """
 
 import ctypes
