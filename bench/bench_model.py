@@ -104,6 +104,7 @@ def worker_rtf(args) -> dict:
     times = times[args.warmup :]
     seconds = x.shape[-1] / SAMPLING_RATE
     return {
+        "matmul_gflops": matmul_gflops(),
         "rtf": statistics.median(times) / seconds,
         "rtf_best": min(times) / seconds,
         "cpu_per_s": statistics.median(cpu[args.warmup :]) / seconds,
@@ -133,6 +134,7 @@ def worker_api(args) -> dict:
         cpu.append(time.process_time() - c0)
     times = times[args.warmup :]
     return {
+        "matmul_gflops": matmul_gflops(),
         "rtf": statistics.median(times) / args.seconds,
         "rtf_best": min(times) / args.seconds,
         "cpu_per_s": statistics.median(cpu[args.warmup :]) / args.seconds,
@@ -334,7 +336,7 @@ def print_train_step(args) -> None:
         )
 
 
-def print_rtf_rows(args, label, root, impl, threads, gflops, work) -> list:
+def print_rtf_rows(args, label, root, impl, threads, work) -> list:
     """The generator's and the API's rows for one code, scan impl and thread count; returns
     [(impl, threads)] if the generator ran (for the profile), else []."""
     ran = []
@@ -343,15 +345,16 @@ def print_rtf_rows(args, label, root, impl, threads, gflops, work) -> list:
             continue
         r = run_worker(mode, impl, args, ["--num-threads", str(threads)], root=root)
         if "error" in r:
-            print(f"| {label} | {impl} | {threads} | {what} | failed: {r['error']} | | | | | |")
+            print(f"| {label} | {impl} | {threads} | {what} | failed: {r['error']} |" + " |" * 6)
             continue
         if mode == "rtf" and root == ".":
             ran.append((impl, threads))
         runs = ", ".join(f"{t:.1f}" for t in r["times"])
+        floor = work / r["matmul_gflops"]
         print(
             f"| {label} | {impl} | {threads} | {what} | {r['rtf']:.3f} | {runs} "
-            f"| {r['rtf'] * gflops[threads] / work:.2f} "
-            f"| {r['rtf_best'] * gflops[threads] / work:.2f} | {r['cpu_per_s']:.2f} "
+            f"| {r['matmul_gflops']:.0f} | {r['rtf'] / floor:.2f} "
+            f"| {r['rtf_best'] / floor:.2f} | {r['cpu_per_s']:.2f} "
             f"| {r['peak_rss_mb']:.0f} |"
         )
         sys.stdout.flush()
@@ -376,11 +379,6 @@ def main():
 
     dense, scan = generator_gflop_per_second_of_audio()
     work = dense + scan
-    gflops = {}
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        gflops[threads] = matmul_gflops()
-    torch.set_num_threads(default_threads)
     print(
         f"## Wave-U-Mamba generator on CPU ({args.seconds:g} s of 48 kHz audio, float32)\n"
     )
@@ -390,15 +388,12 @@ def main():
         f"| {cpu_name()} ({os.cpu_count()} cores) | {torch.__version__} "
         f"| {default_threads} | {datetime.datetime.now():%Y-%m-%d %H:%M} |\n"
     )
-    floors = ", ".join(
-        f"{t} thread(s) {g:.1f} GFLOP/s -> RTF {work / g:.3f}"
-        for t, g in gflops.items()
-    )
     print(
         f"Generator work per second of audio: {dense:.1f} GFLOP in convs and matmuls "
         f"(counted) + {scan:.1f} GFLOP in the scan (estimated) = {work:.1f} GFLOP. "
-        f"Float32 floor = work / measured matmul rate (1024^3 torch.mm, best of 20): "
-        f"{floors}.\n"
+        "Float32 floor = work / matmul rate (1024^3 torch.mm, best of 20), measured by each "
+        "row's own process right after its runs, so that a shared machine's slow minutes fall "
+        "on both.\n"
     )
     print(
         "Rows: the generator's forward on random audio (`generator`), and "
@@ -410,10 +405,11 @@ def main():
     # The floor is the matrix product's best run; "best" puts the generator's best run beside
     # it (the same statistic), "median" its typical one (which a shared machine slows more).
     print(
-        "| code | scan impl | threads | what | RTF (median) | runs (s) | RTF / floor (median) |"
-        " RTF / floor (best run) | CPU s per s of audio | peak RSS (MB) |"
+        "| code | scan impl | threads | what | RTF (median) | runs (s) | matmul GFLOP/s |"
+        " RTF / floor (median) | RTF / floor (best run) | CPU s per s of audio |"
+        " peak RSS (MB) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     sources = [("this checkout", ".")]
     if args.baseline:
         worktree = tempfile.mkdtemp(prefix="bench_baseline_")
@@ -431,7 +427,7 @@ def main():
             for label, root in sources:
                 for impl in args.impls:
                     for threads in args.threads:
-                        ok += print_rtf_rows(args, label, root, impl, threads, gflops, work)
+                        ok += print_rtf_rows(args, label, root, impl, threads, work)
     finally:
         if args.baseline:
             subprocess.run(["git", "worktree", "remove", "--force", worktree])
