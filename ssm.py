@@ -265,8 +265,9 @@ def _groups(nb, nd):
 
 class _CompiledScan(torch.autograd.Function):
     # (y, last_state) = the scan with its bias, softplus and gate, on contiguous CPU tensors of
-    # one dtype; u, delta: [B, D, L]; A: [D, N]; B, C: [B, L, N] (time-major: one row per step);
-    # D: [D]; z: [B, D, L] or None; delta_bias: [D] or None; h0: [B, D, N] or None (zeros).
+    # one dtype; u, delta: [B, D, L]; A: [D, N]; B, C: [B, N, L]; D: [D]; z: [B, D, L] or None;
+    # delta_bias: [D] or None; h0: [B, D, N] or None (zeros). The backward, whose SIMD lanes
+    # are the states, takes B and C time-major ([B, L, N]: one row per step), made only there.
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus):
@@ -298,6 +299,7 @@ class _CompiledScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gout, glast):
         u, delta, A, B, C, D, z, delta_bias, hs = ctx.saved_tensors
+        B, C = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
         nb, nd, length = u.shape
         n_state = A.shape[1]
         groups = _groups(nb, nd)
@@ -326,8 +328,8 @@ class _CompiledScan(torch.autograd.Function):
             gu,
             gdelta,
             gA.sum(0).to(u.dtype),
-            gB.sum(1),
-            gC.sum(1),
+            gB.sum(1).transpose(1, 2),
+            gC.sum(1).transpose(1, 2),
             gD.sum(0).to(u.dtype),
             gz,
             gbias,
@@ -374,8 +376,8 @@ def _selective_scan_compiled(
         u.contiguous(),
         prepare(delta),
         prepare(A),
-        prepare(B.transpose(1, 2)),
-        prepare(C.transpose(1, 2)),
+        prepare(B),
+        prepare(C),
         prepare(D),
         prepare(z),
         prepare(delta_bias),

@@ -204,7 +204,9 @@ void parallel_for(int64_t n_tasks, int n_threads, F fn) {
 // output is (C . h_t + D u_t) * silu(z_t), without the factor when z is null.
 template <typename T>
 struct Scan {
-  const T *u, *delta, *A, *B, *C, *D;  // [b,d,L] [b,d,L] [d,N] [b,L,N] [b,L,N] [d]
+  // B, C: [b,N,L] in the forward, which reads them a row at a time, [b,L,N] in the backward,
+  // whose lanes are the states
+  const T *u, *delta, *A, *B, *C, *D;  // [b,d,L] [b,d,L] [d,N] B C [d]
   const T *bias, *z;                   // [d] and [b,d,L], or null
   const T* h0;                         // [b,d,N] initial state, or null for zeros
   int64_t nb, nd, L, N, K;             // batch, channels, length, states, block length
@@ -267,11 +269,11 @@ constexpr int kVectorBytes = 32;
 
 // States [n0, n0 + P) of W channels through n_steps steps, adding each step's C . h to yT.
 // h, aT: [N, W] the vector's states and A; dtT, xT, yT: [n_steps, W] dt, dt * u and the output;
-// B, C: the steps' rows [n_steps, N]. A state goes through all the steps before the next one
+// B, C: state n's value at step j is B[n * L + j]. A state goes through all the steps before the next one
 // starts, so its vector stays in a register; P of them at a time, so that their recurrences
 // (two dependent operations a step) overlap.
 template <typename T, int P, int W, bool kClamp>
-void lane_states(int64_t N, int64_t n0, int64_t n_steps, const T* __restrict aT,
+void lane_states(int64_t L, int64_t n0, int64_t n_steps, const T* __restrict aT,
                  const T* __restrict dtT, const T* __restrict xT, const T* __restrict B,
                  const T* __restrict C, T* __restrict h, T* __restrict yT) {
   alignas(64) T hn[P][W], an[P][W];
@@ -283,8 +285,8 @@ void lane_states(int64_t N, int64_t n0, int64_t n_steps, const T* __restrict aT,
     T* __restrict y = yT + j * W;
     T bn[P], cn[P];
     for (int p = 0; p < P; ++p) {
-      bn[p] = B[j * N + n0 + p];
-      cn[p] = C[j * N + n0 + p];
+      bn[p] = B[(n0 + p) * L + j];
+      cn[p] = C[(n0 + p) * L + j];
     }
 #pragma omp simd
     for (int w = 0; w < W; ++w) {
@@ -322,8 +324,8 @@ void forward_lanes(const Scan<T>& s, int64_t b, int64_t d0, T* out, T* hs, T* la
     }
   const T a_lo = *std::min_element(aT.begin(), aT.end());
   const T a_hi = *std::max_element(aT.begin(), aT.end());
-  const T* __restrict B = s.B + b * L * N;
-  const T* __restrict C = s.C + b * L * N;
+  const T* __restrict B = s.B + b * N * L;
+  const T* __restrict C = s.C + b * N * L;
   for (int64_t c = 0; c < nblk; ++c) {
     const int64_t t0 = c * K, t1 = std::min(L, t0 + K), n_steps = t1 - t0;
     T dt_lo = 0, dt_hi = 0;
@@ -352,14 +354,14 @@ void forward_lanes(const Scan<T>& s, int64_t b, int64_t d0, T* out, T* hs, T* la
     int64_t n = 0;
     for (; n + P <= N; n += P)
       if (in_range)
-        lane_states<T, P, W, false>(N, n, n_steps, aT.data(), dtT.data(), xT.data(), B + t0 * N,
-                                    C + t0 * N, h.data(), yT.data());
+        lane_states<T, P, W, false>(L, n, n_steps, aT.data(), dtT.data(), xT.data(), B + t0,
+                                    C + t0, h.data(), yT.data());
       else
-        lane_states<T, P, W, true>(N, n, n_steps, aT.data(), dtT.data(), xT.data(), B + t0 * N,
-                                   C + t0 * N, h.data(), yT.data());
+        lane_states<T, P, W, true>(L, n, n_steps, aT.data(), dtT.data(), xT.data(), B + t0,
+                                   C + t0, h.data(), yT.data());
     for (; n < N; ++n)
-      lane_states<T, 1, W, true>(N, n, n_steps, aT.data(), dtT.data(), xT.data(), B + t0 * N,
-                                 C + t0 * N, h.data(), yT.data());
+      lane_states<T, 1, W, true>(L, n, n_steps, aT.data(), dtT.data(), xT.data(), B + t0,
+                                 C + t0, h.data(), yT.data());
     for (int64_t w = 0; w < nw; ++w) {
       const int64_t bd = b * s.nd + d0 + w;
       const T* __restrict u = s.u + bd * L;
