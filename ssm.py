@@ -137,10 +137,10 @@ _BASE_FLAGS = ["-O3", "-fno-trapping-math", "-fopenmp", "-std=c++17", "-shared",
 # backward recomputes a block from it, so the forward keeps [B, D, L / K, N] instead of the whole
 # [B, D, L, N] history; a block's rows of B, C and their gradients (K x N each) stay in cache.
 _CHUNK = 128
-# Tasks per call: each batch item's channels are split into this many groups over the batch (at
-# least one group per item), so that small batches still use every thread; in the backward each
-# group sums its own dB and dC (a [L, N] buffer per group), so the result does not depend on the
-# thread count.
+# Backward tasks per call: each batch item's channels are split into this many groups over the
+# batch (at least one group per item), so that small batches still use every thread; each group
+# sums its own dB and dC (a [L, N] buffer per group), so the result does not depend on the
+# thread count. (The forward's task is one SIMD vector of channels, chosen by the kernel.)
 _TASKS = 8
 # The kernel keeps a channel's states in fixed-size arrays of this many (ssm_kernel.cpp kMaxN).
 _MAX_STATE = 64
