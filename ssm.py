@@ -235,6 +235,7 @@ def _load_kernel():
         getattr(lib, f"norm_fwd_{suffix}").argtypes = (
             [p] * 3 + [i64] * 3 + [ctypes.c_double] * 2 + [p, i32]
         )
+        getattr(lib, f"project_fwd_{suffix}").argtypes = [p] * 2 + [i64] * 4 + [p, i32]
     _kernel = lib
     return lib
 
@@ -587,6 +588,23 @@ def _project(weight, x):
     return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
 
 
+def project_compiled(weight, x):
+    """weight [C_out, C_in] @ x [B, C_in, L] -> [B, C_out, L] with the compiled kernel; forward
+    only (no autograd), CPU float32 or float64. Mamba.mix uses it for inference: on the
+    mixer's shapes (one side of 1-1024 channels against thousands of steps) torch.bmm's
+    threading is uneven, up to no gain from a second thread on the small ones, and inside the
+    generator it ran slower than alone (bench/bench_project.py compares the two; the generator
+    ran 1.17x faster with this). Its reference is `_project`, which training keeps."""
+    x = x.contiguous()
+    weight = weight.to(x.dtype).contiguous()  # named: lives until the kernel returns
+    out = x.new_empty(x.shape[0], weight.shape[0], x.shape[2])
+    _kernel_function("project_fwd", x.dtype)(
+        _ptr(weight), _ptr(x), *x.shape[:1], *weight.shape, x.shape[2], _ptr(out),
+        torch.get_num_threads(),
+    )
+    return out
+
+
 def channel_norm_compiled(x, weight, bias, eps, negative_slope=None):
     """LayerNorm over dim 1 of x [B, C, L] (affine), then LeakyReLU when negative_slope is
     given, in one pass of the compiled kernel; forward only (no autograd), CPU float32 or
@@ -709,7 +727,9 @@ class Mamba(nn.Module):
         forward_stream), or (y, None) without one.
         """
         impl = _resolve_impl(self.impl, x)
-        xz = _project(self.in_proj.weight, x)  # [B, 2*d_inner, L]
+        compiled = impl == "compiled" and not torch.is_grad_enabled()
+        project = project_compiled if compiled else _project
+        xz = project(self.in_proj.weight, x)  # [B, 2*d_inner, L]
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
         u, z = xz.chunk(2, dim=1)  # [B, d_inner, L] each
@@ -738,9 +758,9 @@ class Mamba(nn.Module):
             u = F.silu(
                 F.conv1d(u_in, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
             )  # [B, d_inner, L]
-        x_dbl = _project(self.x_proj.weight, u)  # [B, dt_rank + 2N, L]
+        x_dbl = project(self.x_proj.weight, u)  # [B, dt_rank + 2N, L]
         dt, Bm, Cm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = _project(self.dt_proj.weight, dt)  # [B, d_inner, L]
+        delta = project(self.dt_proj.weight, dt)  # [B, d_inner, L]
         resumed = state is not None and state[1] is not None
         y = selective_scan(
             u,
@@ -759,7 +779,7 @@ class Mamba(nn.Module):
         )  # [B, d_inner, L], or with the last scan state [B, d_inner, N]
         if state is not None:
             y, scan_state = y
-        y = _project(self.out_proj.weight, y)  # [B, d_model, L]
+        y = project(self.out_proj.weight, y)  # [B, d_model, L]
         if self.out_proj.bias is not None:
             y = y + self.out_proj.bias[:, None]
         return y, (conv_state, scan_state) if state is not None else None

@@ -308,6 +308,48 @@ def test_mamba_compiled_matches_torch():
         assert rel_err(g, g_t) <= 1e-5, name
 
 
+@pytest.mark.parametrize(
+    "batch, c_out, c_in, length",
+    # rows not a multiple of the kernel's 6, steps shorter than one tile of 16, a tail within
+    # a tile and across the 1,024-step tasks, a single input channel
+    [(1, 7, 3, 5), (2, 34, 64, 1500), (1, 128, 1, 2049), (3, 1, 20, 37)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_projection_matches_float64_product(batch, c_out, c_in, length, dtype):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(c_out, c_in, generator=g, dtype=torch.float64)
+    x = torch.randn(batch, c_in, length, generator=g, dtype=torch.float64)
+    expected = torch.einsum("oi,bil->bol", weight, x)
+    out = ssm.project_compiled(weight.to(dtype), x.to(dtype))
+    assert out.dtype == dtype and out.shape == (batch, c_out, length)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel_err(out, expected) <= tol
+    # a strided x (a slice of a wider tensor, as the mixer's chunks are) gives the same
+    wide = torch.cat([x, x], dim=1).to(dtype)
+    torch.testing.assert_close(ssm.project_compiled(weight.to(dtype), wide[:, c_in:]), out)
+
+
+def test_mamba_without_gradients_projects_with_the_compiled_kernel(monkeypatch):
+    torch.manual_seed(0)
+    m = ssm.Mamba(16, impl="compiled")
+    x = torch.randn(2, 16, 300)
+    y_grad, _ = m.mix(x)  # with gradients: torch.bmm, the reference
+    calls = []
+
+    def counted(weight, inputs):
+        calls.append(tuple(weight.shape))
+        return ssm._project(weight, inputs)
+
+    monkeypatch.setattr(ssm, "project_compiled", counted)
+    with torch.no_grad():
+        m.mix(x)
+    assert calls == [(64, 16), (33, 32), (32, 1), (16, 32)]  # in, x, dt and out projections
+    monkeypatch.undo()
+    with torch.no_grad():
+        y, _ = m.mix(x)
+    assert rel_err(y, y_grad) <= 1e-5
+
+
 @pytest.mark.parametrize("with_prev", [False, True])
 def test_compiled_conv_gradcheck(with_prev):
     g = torch.Generator().manual_seed(0)
