@@ -598,7 +598,9 @@ def project_compiled(weight, x):
     x = x.contiguous()
     weight = weight.to(x.dtype).contiguous()  # named: lives until the kernel returns
     out = x.new_empty(x.shape[0], weight.shape[0], x.shape[2])
-    (nb, c_in, length), c_out = x.shape, weight.shape[0]
+    (nb, c_in, length), (c_out, w_in) = x.shape, weight.shape
+    if w_in != c_in:
+        raise ValueError(f"weight takes {w_in} channels, x has {c_in}")
     _kernel_function("project_fwd", x.dtype)(
         _ptr(weight), _ptr(x), nb, c_out, c_in, length, _ptr(out), torch.get_num_threads()
     )

@@ -327,6 +327,8 @@ def test_compiled_projection_matches_float64_product(batch, c_out, c_in, length,
     # a strided x (a slice of a wider tensor, as the mixer's chunks are) gives the same
     wide = torch.cat([x, x], dim=1).to(dtype)
     torch.testing.assert_close(ssm.project_compiled(weight.to(dtype), wide[:, c_in:]), out)
+    with pytest.raises(ValueError, match="channels"):
+        ssm.project_compiled(weight.to(dtype), wide)
 
 
 def test_mamba_without_gradients_projects_with_the_compiled_kernel(monkeypatch):
