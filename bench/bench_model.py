@@ -144,10 +144,10 @@ def worker_api(args) -> dict:
 
 
 def worker_profile(args) -> dict:
-    """Wall time per block type in one forward, from torch.profiler: the scan, Mamba's mixer
-    (ssm.Mamba.mix), the channel LayerNorms and the U-Net's conv layers run inside labelled
-    ranges (their inclusive time); Mamba's projections are the matrix products (aten::bmm),
-    which nothing else in the generator uses (the U-Net's layers are convolutions).
+    """Wall time per block type in one forward, from torch.profiler: the scan, Mamba's
+    projections (either path: ssm.project_compiled or ssm._project), its mixer (ssm.Mamba.mix),
+    the channel LayerNorms and the U-Net's conv layers run inside labelled ranges (their
+    inclusive time).
     """
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -172,8 +172,10 @@ def worker_profile(args) -> dict:
             module.forward = labelled(module.forward, "convs")
     x = noise_input(g, args.seconds)
     scan, mix = ssm.selective_scan, ssm.Mamba.mix
+    projects = ssm.project_compiled, ssm._project
     ssm.selective_scan = labelled(scan, "scan")
     ssm.Mamba.mix = labelled(mix, "mamba")
+    ssm.project_compiled, ssm._project = (labelled(f, "projections") for f in projects)
     try:
         with torch.inference_mode():
             g(x)  # warm-up
@@ -183,15 +185,13 @@ def worker_profile(args) -> dict:
                 total = time.perf_counter() - t0
     finally:
         ssm.selective_scan, ssm.Mamba.mix = scan, mix
+        ssm.project_compiled, ssm._project = projects
     events = {e.key: e for e in prof.key_averages()}
 
     def inclusive(key):
         return events[key].cpu_time_total / 1e6 if key in events else 0.0
 
-    def own(key):
-        return events[key].self_cpu_time_total / 1e6 if key in events else 0.0
-
-    projections = own("aten::bmm") + own("aten::mm")
+    projections = inclusive("projections")
     split = {
         "selective scan": inclusive("scan"),
         "Mamba projections (in_proj, x_proj, dt_proj, out_proj)": projections,
