@@ -595,12 +595,14 @@ def project_compiled(weight, x):
     threading is uneven, up to no gain from a second thread on the small ones, and inside the
     generator it ran slower than alone (bench/bench_project.py compares the two; the generator
     ran 1.17x faster with this). Its reference is `_project`, which training keeps."""
-    x = x.contiguous()
-    weight = weight.to(x.dtype).contiguous()  # named: lives until the kernel returns
-    out = x.new_empty(x.shape[0], weight.shape[0], x.shape[2])
     (nb, c_in, length), (c_out, w_in) = x.shape, weight.shape
     if w_in != c_in:
         raise ValueError(f"weight takes {w_in} channels, x has {c_in}")
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"the compiled projection takes CPU float32 or float64, got {x.dtype}")
+    x = x.contiguous()
+    weight = weight.to(x.dtype).contiguous()  # named: lives until the kernel returns
+    out = x.new_empty(nb, c_out, length)
     _kernel_function("project_fwd", x.dtype)(
         _ptr(weight), _ptr(x), nb, c_out, c_in, length, _ptr(out), torch.get_num_threads()
     )

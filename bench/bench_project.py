@@ -4,18 +4,18 @@ Run from the repo root: `python -m bench.bench_project [--threads 2]` (under a m
 shapes are every distinct projection of the paper's generator (in_proj, x_proj, dt_proj,
 out_proj of each stage's Mamba blocks) on one piece of models.MambaStack.CHUNK_STEPS steps,
 batch 1, float32, the layout the mixer uses ([C_out, C_in] @ [1, C_in, L]). The two take turns
-run by run, so a shared machine's slow minutes fall on both; each time is the best of its runs.
-Prints a Markdown table; no asserts.
+run by run (bench_scan's timing), so a shared machine's slow minutes fall on both; each time is
+the best of its runs. Prints a Markdown table; no asserts.
 """
 
 import argparse
 import datetime
 import os
-import time
 
 import torch
 
 import ssm
+from bench.bench_scan import best_ms
 from models import MambaStack, WaveUMamba
 
 
@@ -28,19 +28,6 @@ def projection_shapes():
                 c_out, c_in = getattr(module, name).weight.shape
                 shapes.setdefault((c_out, c_in), name)
     return [(name, c_out, c_in) for (c_out, c_in), name in shapes.items()]
-
-
-def best_ms(fns, repeats):
-    # each function's best time in ms, the functions taking turns run by run
-    times = [[] for _ in fns]
-    for fn in fns:
-        fn()
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t0)
-    return [1e3 * min(t) for t in times]
 
 
 def main():
@@ -63,7 +50,7 @@ def main():
     for name, c_out, c_in in projection_shapes():
         weight, x = torch.randn(c_out, c_in), torch.randn(1, c_in, length)
         with torch.inference_mode():
-            bmm, compiled = best_ms(
+            (bmm, _), (compiled, _) = best_ms(
                 [lambda: ssm._project(weight, x), lambda: ssm.project_compiled(weight, x)],
                 a.repeats,
             )

@@ -329,6 +329,8 @@ def test_compiled_projection_matches_float64_product(batch, c_out, c_in, length,
     torch.testing.assert_close(ssm.project_compiled(weight.to(dtype), wide[:, c_in:]), out)
     with pytest.raises(ValueError, match="channels"):
         ssm.project_compiled(weight.to(dtype), wide)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        ssm.project_compiled(weight.half(), x.half())
 
 
 def test_mamba_without_gradients_projects_with_the_compiled_kernel(monkeypatch):
