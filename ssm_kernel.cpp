@@ -260,12 +260,15 @@ inline void a_range(const T* a, int64_t N, T* a_lo, T* a_hi) {
   *a_hi = *std::max_element(a, a + N);
 }
 
-// The forward's SIMD width in bytes: W = kVectorBytes / sizeof(T) channels side by side.
+// The width of a SIMD register in bytes, and in values of T (the forward's channels side by
+// side, the projection's steps per vector).
 #if defined(__AVX512F__)
 constexpr int kVectorBytes = 64;
 #else
 constexpr int kVectorBytes = 32;
 #endif
+template <typename T>
+constexpr int kLanes = kVectorBytes / int(sizeof(T));
 
 // States [n0, n0 + P) of W channels through n_steps steps, adding each step's C . h to yT.
 // h, aT: [N, W] the vector's states and A; dtT, xT, yT: [n_steps, W] dt, dt * u and the output;
@@ -313,7 +316,7 @@ void lane_states(int64_t L, int64_t n0, int64_t n_steps, const T* __restrict aT,
 // dt * u into step-major [K, W] blocks and of y back.
 template <typename T, int NS>
 void forward_lanes(const Scan<T>& s, int64_t b, int64_t d0, T* out, T* hs, T* last) {
-  constexpr int W = kVectorBytes / int(sizeof(T)), P = 2;
+  constexpr int W = kLanes<T>, P = 2;
   const int64_t N = NS > 0 ? NS : s.N, L = s.L, K = s.K, nblk = s.n_blocks();
   const int64_t nw = std::min<int64_t>(W, s.nd - d0);
   // lanes past nw have A = 0, dt = 0 and u = 0: their states stay 0
@@ -517,7 +520,7 @@ void backward_task(const Scan<T>& s, const Grads<T>& g, int64_t task, const T* h
 // need not follow the backward's groups).
 template <typename T>
 void forward(const Scan<T>& s, T* out, T* hs, T* last, int n_threads) {
-  constexpr int W = kVectorBytes / int(sizeof(T));
+  constexpr int W = kLanes<T>;
   const int64_t n_vectors = (s.nd + W - 1) / W;
   parallel_for(s.nb * n_vectors, n_threads, [&](int64_t task) {
     const int64_t b = task / n_vectors, d0 = task % n_vectors * W;
@@ -681,7 +684,7 @@ template <typename T>
 void project_forward(const T* w, const T* x, int64_t nb, int64_t M, int64_t K, int64_t L,
                      T* out, int n_threads) {
   using V = typename Vector<T>::type;
-  constexpr int64_t kLanes = kVectorBytes / int64_t(sizeof(T)), kSteps = 2 * kLanes;
+  constexpr int64_t kWidth = kLanes<T>, kSteps = 2 * kWidth;
   constexpr int64_t kRows = 6, kTask = 1024;
   const int64_t tiles = (L + kTask - 1) / kTask, blocks = (M + kRows - 1) / kRows;
   // w by blocks of kRows rows, k-major inside a block, zero past M
@@ -706,7 +709,7 @@ void project_forward(const T* w, const T* x, int64_t nb, int64_t M, int64_t K, i
         for (int64_t k = 0; k < K; ++k) {
           V x0, x1;
           std::memcpy(&x0, xp + k * kSteps, sizeof(V));
-          std::memcpy(&x1, xp + k * kSteps + kLanes, sizeof(V));
+          std::memcpy(&x1, xp + k * kSteps + kWidth, sizeof(V));
 #pragma GCC unroll 8
           for (int64_t r = 0; r < kRows; ++r) {
             acc[r][0] += wb[k * kRows + r] * x0;
@@ -716,7 +719,7 @@ void project_forward(const T* w, const T* x, int64_t nb, int64_t M, int64_t K, i
         alignas(64) T sums[kSteps];
         for (int64_t r = 0; r < std::min(kRows, M - blk * kRows); ++r) {
           std::memcpy(sums, &acc[r][0], sizeof(V));
-          std::memcpy(sums + kLanes, &acc[r][1], sizeof(V));
+          std::memcpy(sums + kWidth, &acc[r][1], sizeof(V));
           std::copy(sums, sums + n, ob + (blk * kRows + r) * L + t);
         }
       }
