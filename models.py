@@ -500,6 +500,23 @@ class MultiPeriodDiscriminator(nn.Module):
         return _score_real_and_fake(self.discriminators, [y] * n, [y_hat] * n)
 
 
+class GroupedConv1d(nn.Conv1d):
+    """nn.Conv1d (zero padding, no dilation) that runs on CPU in the compiled kernel
+    (ssm.conv1d_compiled, forward and backward) when it builds, and as nn.Conv1d elsewhere:
+    the same parameters and results, for the multi-scale discriminator's grouped layers."""
+
+    def _conv_forward(self, x, weight, bias):
+        if (
+            x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
+            and ssm.compiled_kernel_available()
+        ):
+            return ssm.conv1d_compiled(
+                x, weight, bias, self.stride[0], self.padding[0], self.groups
+            )
+        return super()._conv_forward(x, weight, bias)
+
+
 class DiscriminatorS(nn.Module):
     def __init__(self, use_spectral_norm=False):
         super().__init__()
@@ -516,7 +533,11 @@ class DiscriminatorS(nn.Module):
         )
         self.convs = nn.ModuleList(
             [
-                norm(nn.Conv1d(c_in, c_out, k, s, groups=g, padding=get_padding(k)))
+                norm(
+                    (GroupedConv1d if g > 1 else nn.Conv1d)(
+                        c_in, c_out, k, s, groups=g, padding=get_padding(k)
+                    )
+                )
                 for c_in, c_out, k, s, g in layers
             ]
         )

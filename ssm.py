@@ -236,6 +236,11 @@ def _load_kernel():
             [p] * 3 + [i64] * 3 + [ctypes.c_double] * 2 + [p, i32]
         )
         getattr(lib, f"project_fwd_{suffix}").argtypes = [p] * 2 + [i64] * 4 + [p, i32]
+        getattr(lib, f"grouped_conv_fwd_{suffix}").argtypes = [p] * 3 + [i64] * 9 + [p, i32]
+        for part in ("input", "weight"):
+            getattr(lib, f"grouped_conv_bwd_{part}_{suffix}").argtypes = (
+                [p] * 2 + [i64] * 9 + [p, i32]
+            )
     _kernel = lib
     return lib
 
@@ -630,6 +635,85 @@ def channel_norm_compiled(x, weight, bias, eps, negative_slope=None):
         torch.get_num_threads(),
     )
     return out
+
+
+def _engine_will_use(node) -> bool:
+    # Whether the running backward pass uses the gradient that flows into node (an input's
+    # grad_fn or AccumulateGrad): backward(inputs=...) skips the rest of the graph.
+    if node is None:
+        return False
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # autograd.grad cannot tell for a leaf: compute it
+        return True
+
+
+class _CompiledGroupedConv(torch.autograd.Function):
+    # F.conv1d(x, weight, bias, stride, padding, groups=groups) on contiguous CPU tensors of one
+    # dtype; x: [B, C_in, L]; weight: [C_out, C_in / groups, K]; bias: [C_out]. The backward
+    # computes only the gradients this backward pass will use: train_step's two passes over
+    # the discriminators want the input's gradient in the first and the weights' in the second.
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, groups):
+        (nb, c_in, length), (c_out, _, taps) = x.shape, weight.shape
+        shape = (nb, groups, c_in // groups, c_out // groups, length, taps, stride, padding)
+        out_length = (length + 2 * padding - taps) // stride + 1
+        out = x.new_empty(nb, c_out, out_length)
+        _kernel_function("grouped_conv_fwd", x.dtype)(
+            _ptr(x), _ptr(weight), _ptr(bias), *shape, out_length, _ptr(out),
+            torch.get_num_threads(),
+        )
+        ctx.shape = (*shape, out_length)
+        ctx.save_for_backward(x, weight)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gout):
+        x, weight = ctx.saved_tensors
+        gout = gout.contiguous()
+        used = [_engine_will_use(node) for node, _ in ctx.next_functions[:3]]
+        gx = gw = gb = None
+        threads = torch.get_num_threads()
+        if used[0]:
+            gx = torch.empty_like(x)
+            _kernel_function("grouped_conv_bwd_input", x.dtype)(
+                _ptr(gout), _ptr(weight), *ctx.shape, _ptr(gx), threads
+            )
+        if used[1]:
+            gw = torch.empty_like(weight)
+            _kernel_function("grouped_conv_bwd_weight", x.dtype)(
+                _ptr(x), _ptr(gout), *ctx.shape, _ptr(gw), threads
+            )
+        if used[2]:
+            gb = gout.sum((0, 2))
+        return gx, gw, gb, None, None, None
+
+
+def conv1d_compiled(x, weight, bias, stride: int, padding: int, groups: int):
+    """F.conv1d(x, weight, bias, stride, padding, groups=groups) with the compiled kernel,
+    forward and backward, on CPU float32 or float64; x: [B, C_in, L]. The multi-scale
+    discriminator's grouped 41-tap layers use it in training, where PyTorch's convolutions
+    ran at a third to a half of the rate of a matrix product (bench/bench_train.py); F.conv1d
+    is its reference."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"the compiled conv takes CPU float32 or float64, got {x.dtype}")
+    c_out, w_in, _ = weight.shape
+    if x.shape[1] != w_in * groups or c_out % groups:
+        raise ValueError(
+            f"weight {tuple(weight.shape)} with {groups} groups does not fit {x.shape[1]} channels"
+        )
+    if bias is None:
+        bias = x.new_zeros(c_out)
+    return _CompiledGroupedConv.apply(
+        x.contiguous(),
+        weight.to(x.dtype).contiguous(),
+        bias.to(x.dtype).contiguous(),
+        stride,
+        padding,
+        groups,
+    )
 
 
 class Mamba(nn.Module):

@@ -13,6 +13,7 @@ import ssm
 from models import (
     AvgPool2,
     ChannelLayerNorm,
+    GroupedConv1d,
     MambaResidualBlock,
     MambaStack,
     MultiPeriodDiscriminator,
@@ -281,6 +282,30 @@ def test_discriminator_outputs(disc, n_subs, n_fmaps):
         assert len(fr) == len(ff) == n_fmaps
         assert all(a.shape == b.shape for a, b in zip(fr, ff))
         assert not torch.equal(r, f)
+
+
+def test_msd_grouped_layers_run_the_compiled_kernel_with_nn_conv1d_results(monkeypatch):
+    torch.manual_seed(0)
+    msd = MultiScaleDiscriminator().double()
+    msd.discriminators[0].eval()  # holds the spectral norm's estimate between the two runs
+    y = torch.randn(2, 1, 3001, dtype=torch.float64)
+    y_hat = torch.randn(2, 1, 3001, dtype=torch.float64, requires_grad=True)
+
+    def scores_and_grads():
+        d_real, d_fake, fmap_real, fmap_fake = msd(y, y_hat)
+        outputs = [*d_real, *d_fake, *(f for fmap in fmap_real + fmap_fake for f in fmap)]
+        loss = sum(o.square().mean() for o in outputs)
+        return outputs, torch.autograd.grad(loss, [y_hat, *msd.parameters()])
+
+    calls = []
+    conv1d_compiled = ssm.conv1d_compiled
+    monkeypatch.setattr(ssm, "conv1d_compiled", lambda *a: calls.append(a) or conv1d_compiled(*a))
+    outputs, grads = scores_and_grads()
+    assert len(calls) == 2 * 3 * 5  # real and fake, three scales, five grouped layers each
+    monkeypatch.setattr(GroupedConv1d, "_conv_forward", torch.nn.Conv1d._conv_forward)
+    expected_outputs, expected_grads = scores_and_grads()
+    for out, expected in zip(outputs + list(grads), expected_outputs + list(expected_grads)):
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_checkpoint_config_from_before_a_key_was_added(tmp_path):

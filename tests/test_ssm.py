@@ -354,6 +354,76 @@ def test_mamba_without_gradients_projects_with_the_compiled_kernel(monkeypatch):
     assert rel_err(y, y_grad) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    "batch, c_in, c_out, length, taps, stride, groups",
+    [
+        (4, 128, 256, 300, 41, 2, 16),  # the discriminator's layers, shorter
+        (2, 256, 512, 203, 41, 4, 16),
+        (1, 64, 64, 75, 41, 1, 4),
+        # rows not a multiple of the kernel's 6, taps not a multiple of the stride, an output
+        # over several 480-step tasks, a signal shorter than the kernel, one channel per group
+        (2, 12, 20, 1500, 7, 3, 4),
+        (3, 5, 5, 9, 41, 4, 5),
+        (1, 3, 6, 1, 3, 1, 1),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_grouped_conv_matches_float64_conv1d(
+    batch, c_in, c_out, length, taps, stride, groups, dtype
+):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, c_in, length, generator=g, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in // groups, taps, generator=g, dtype=torch.float64)
+    bias = torch.randn(c_out, generator=g, dtype=torch.float64)
+    args = (stride, (taps - 1) // 2, groups)
+    inputs = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+    expected = F.conv1d(inputs[0], inputs[1], inputs[2], args[0], args[1], 1, args[2])
+    gout = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    expected_grads = torch.autograd.grad(expected, inputs, gout)
+    inputs = [t.to(dtype).requires_grad_(True) for t in (x, weight, bias)]
+    out = ssm.conv1d_compiled(*inputs, *args)
+    grads = torch.autograd.grad(out, inputs, gout.to(dtype))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert rel_err(out, expected) <= tol
+    for name, grad, expected_grad in zip(("x", "weight", "bias"), grads, expected_grads):
+        assert rel_err(grad, expected_grad) <= tol, name
+
+
+def test_compiled_grouped_conv_computes_only_the_gradients_a_pass_uses(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 50, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(8, 2, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(8, dtype=torch.float64, requires_grad=True)
+    out = ssm.conv1d_compiled(x, weight, bias, 2, 2, 4)
+    loss = out.square().sum()
+    called = []
+    kernel_function = ssm._kernel_function
+    monkeypatch.setattr(
+        ssm,
+        "_kernel_function",
+        lambda name, dtype: called.append(name) or kernel_function(name, dtype),
+    )
+    # as train_step's two passes: the input's gradient, then the weights'
+    (gx,) = torch.autograd.grad(loss, [x], retain_graph=True)
+    assert called == ["grouped_conv_bwd_input"]
+    loss.backward(inputs=[weight, bias])
+    assert called == ["grouped_conv_bwd_input", "grouped_conv_bwd_weight"] and x.grad is None
+    expected = torch.autograd.grad(
+        F.conv1d(x, weight, bias, 2, 2, 1, 4).square().sum(), [x, weight, bias]
+    )
+    for grad, expected_grad in zip((gx, weight.grad, bias.grad), expected):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+def test_compiled_grouped_conv_rejects_what_it_cannot_compute():
+    x = torch.randn(1, 8, 20)
+    with pytest.raises(ValueError, match="does not fit 8 channels"):
+        ssm.conv1d_compiled(x, torch.randn(8, 4, 5), None, 1, 2, 4)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        ssm.conv1d_compiled(x.half(), torch.randn(8, 2, 5).half(), None, 1, 2, 4)
+
+
 @pytest.mark.parametrize("with_prev", [False, True])
 def test_compiled_conv_gradcheck(with_prev):
     g = torch.Generator().manual_seed(0)
