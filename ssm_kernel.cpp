@@ -890,12 +890,13 @@ void grouped_conv_backward_input(const GroupedConv& s, const T* gout, const T* w
   });
 }
 
-// gw[o, c, r + S m] = sum_b sum_t gout[b, o, t] x[b, c, S (t + m) + r - P]: a sum over time,
-// the matrix product of gout's rows with the shifted polyphase rows, here with the taps as
-// lanes: for kRows output channels (gout broadcast) x kCols vectors of taps of one input row,
-// sums over a stretch of kWeightSteps steps stay in registers, then are added up in float64.
-// A task is kRows output channels of one group; for each stretch it packs those gout rows
-// step-major and the polyphase input.
+// gw[o, c, r + S m] = sum_b sum_t gout[b, o, t] x[b, c, S (t + m) + r - P]: for each input row
+// (c, r) and tap m, a sum over time of a gout row times a shifted polyphase row. Here output
+// channels are the lanes: kRows (row, tap) pairs (x broadcast) x kCols vectors of output
+// channels (gout, packed step-major) of sums stay in registers over a stretch of kWeightSteps
+// steps, then are added up in float64. (Taps as lanes would round 11 or 21 taps up to 16 or
+// 32; output channels come in multiples of 16.) A task is one such block of output channels
+// of one group; it packs gout and the polyphase input for each stretch.
 constexpr int64_t kWeightSteps = 512;
 
 template <typename T>
@@ -903,51 +904,53 @@ void grouped_conv_backward_weight(const GroupedConv& s, const T* x, const T* gou
                                   int n_threads) {
   using V = typename Vector<T>::type;
   constexpr int64_t R = Correlation<T>::kRows, Q = Correlation<T>::kCols, W = kLanes<T>;
-  constexpr int64_t taps_per_block = Q * W;
-  const int64_t M = s.taps(), Cp = s.Ci * s.S;
-  const int64_t Mq = (M + taps_per_block - 1) / taps_per_block * taps_per_block;
-  const int64_t ld = kWeightSteps + Mq;
-  const int64_t row_blocks = (s.Co + R - 1) / R;
-  parallel_for(s.G * row_blocks, n_threads, [&](int64_t task) {
-    const int64_t g = task / row_blocks, o0 = task % row_blocks * R;
-    const int64_t rows = std::min(R, s.Co - o0);
-    std::vector<double> sums(R * Cp * Mq, 0.0);  // [o][c][m]
-    std::vector<T> panel(Cp * ld), grows(kWeightSteps * R);
-    alignas(64) T part[R][taps_per_block];
+  constexpr int64_t block = Q * W;  // output channels per task
+  const int64_t M = s.taps(), Cp = s.Ci * s.S, pairs = Cp * M;
+  const int64_t ld = kWeightSteps + M + R;
+  const int64_t blocks = (s.Co + block - 1) / block;
+  parallel_for(s.G * blocks, n_threads, [&](int64_t task) {
+    const int64_t g = task / blocks, o0 = task % blocks * block;
+    const int64_t rows = std::min(block, s.Co - o0);
+    std::vector<double> sums((pairs + R) * block, 0.0);  // [(c, m)][o]
+    std::vector<T> panel(Cp * ld), grows(kWeightSteps * block);
+    alignas(64) T part[R][block];
     for (int64_t b = 0; b < s.nb; ++b) {
       for (int64_t t0 = 0; t0 < s.Lout; t0 += kWeightSteps) {
         const int64_t n = std::min(kWeightSteps, s.Lout - t0);
-        // grows[t][o] = gout[b, o0 + o, t0 + t], zero past the rows and steps
+        // grows[t][o] = gout[b, o0 + o, t0 + t], zero past the rows
         std::fill(grows.begin(), grows.end(), T(0));
         for (int64_t o = 0; o < rows; ++o) {
           const T* go = gout + ((b * s.G + g) * s.Co + o0 + o) * s.Lout + t0;
-          for (int64_t t = 0; t < n; ++t) grows[t * R + o] = go[t];
+          for (int64_t t = 0; t < n; ++t) grows[t * block + o] = go[t];
         }
         for (int64_t c = 0; c < s.Ci; ++c)
           for (int64_t r = 0; r < s.S; ++r)
             pack_phase(x + ((b * s.G + g) * s.Ci + c) * s.L, s.L, s.S, s.P, r, t0, ld,
                        panel.data() + (c * s.S + r) * ld);
-        for (int64_t c = 0; c < Cp; ++c) {
-          for (int64_t m0 = 0; m0 < Mq; m0 += taps_per_block) {
-            const T* __restrict xr = panel.data() + c * ld + m0;
-            const T* __restrict gr = grows.data();
-            V acc[R][Q] = {};
-            for (int64_t t = 0; t < n; ++t) {
-              V xv[Q];
-#pragma GCC unroll 4
-              for (int64_t q = 0; q < Q; ++q) std::memcpy(&xv[q], xr + t + q * W, sizeof(V));
-#pragma GCC unroll 8
-              for (int64_t r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-                for (int64_t q = 0; q < Q; ++q) acc[r][q] += gr[t * R + r] * xv[q];
-              }
-            }
-            for (int64_t r = 0; r < R; ++r)
-              for (int64_t q = 0; q < Q; ++q) std::memcpy(&part[r][q * W], &acc[r][q], sizeof(V));
-            for (int64_t r = 0; r < R; ++r)
-              for (int64_t m = 0; m < taps_per_block; ++m)
-                sums[(r * Cp + c) * Mq + m0 + m] += part[r][m];
+        // pairs p = c M + m in blocks of R; a block's pairs may run into the next row, whose
+        // panel row follows at ld
+        for (int64_t p0 = 0; p0 < pairs; p0 += R) {
+          const T* __restrict at[R];
+          for (int64_t i = 0; i < R; ++i) {
+            const int64_t p = std::min(p0 + i, pairs - 1);
+            at[i] = panel.data() + p / M * ld + p % M;
           }
+          const T* __restrict gr = grows.data();
+          V acc[R][Q] = {};
+          for (int64_t t = 0; t < n; ++t) {
+            V gv[Q];
+#pragma GCC unroll 4
+            for (int64_t q = 0; q < Q; ++q) std::memcpy(&gv[q], gr + t * block + q * W, sizeof(V));
+#pragma GCC unroll 8
+            for (int64_t i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+              for (int64_t q = 0; q < Q; ++q) acc[i][q] += at[i][t] * gv[q];
+            }
+          }
+          for (int64_t i = 0; i < R; ++i)
+            for (int64_t q = 0; q < Q; ++q) std::memcpy(&part[i][q * W], &acc[i][q], sizeof(V));
+          for (int64_t i = 0; i < R; ++i)
+            for (int64_t o = 0; o < block; ++o) sums[(p0 + i) * block + o] += part[i][o];
         }
       }
     }
@@ -955,7 +958,7 @@ void grouped_conv_backward_weight(const GroupedConv& s, const T* x, const T* gou
       for (int64_t c = 0; c < s.Ci; ++c)
         for (int64_t j = 0; j < s.K; ++j)
           gw[((g * s.Co + o0 + o) * s.Ci + c) * s.K + j] =
-              T(sums[(o * Cp + c * s.S + j % s.S) * Mq + j / s.S]);
+              T(sums[((c * s.S + j % s.S) * M + j / s.S) * block + o]);
   });
 }
 
