@@ -424,6 +424,24 @@ def _alternating(weight: torch.Tensor) -> torch.Tensor:
     return signs
 
 
+# The (k, 1) kernels of DiscriminatorP see each of the p columns alone, so the Conv2d on
+# [B, C, H, p] is a conv1d on the columns as batch items [B p, C, H]: the same sums. PyTorch's
+# CPU convolutions (oneDNN) ran the narrow 2-D layout of periods 2, 3, 5 1.1-1.6x slower than
+# the folded one, and periods 7, 11 1.05-1.2x faster (forward and backward, 2 threads, batch
+# 4 x 25,600); the multi-period discriminator's part of a GAN step went 9.1 -> 7.8 s.
+COLUMNS_AS_BATCH_MAX_PERIOD = 5
+
+
+def _column_conv(conv, x):
+    # conv, a Conv2d with a (k, 1) kernel, on the columns as batch items x [B p, C, H]
+    return F.conv1d(x, conv.weight[..., 0], conv.bias, conv.stride[0], conv.padding[0])
+
+
+def _unfold_columns(x, batch):
+    # [B p, C, H] -> [B, C, H, p], a view
+    return x.view(batch, -1, *x.shape[1:]).permute(0, 2, 3, 1)
+
+
 class DiscriminatorP(nn.Module):
     def __init__(self, period, kernel_size=5, stride=3):
         super().__init__()
@@ -458,16 +476,20 @@ class DiscriminatorP(nn.Module):
     def forward(self, x):
         # x: [B, 1, T]
         fmap = []
-        if x.shape[-1] % self.period:
-            x = F.pad(x, (0, self.period - x.shape[-1] % self.period), "reflect")
+        p = self.period
+        if x.shape[-1] % p:
+            x = F.pad(x, (0, p - x.shape[-1] % p), "reflect")
         b, c, t = x.shape
-        x = x.view(b, c, t // self.period, self.period)  # [B, 1, T / p, p]
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmap.append(x)
-        x = self.conv_post(x)
-        fmap.append(x)
-        return torch.flatten(x, 1, -1), fmap  # [B, frames * p]
+        x = x.view(b, c, t // p, p)  # [B, 1, T / p, p]
+        folded = p <= COLUMNS_AS_BATCH_MAX_PERIOD
+        if folded:
+            x = x.permute(0, 3, 1, 2).reshape(b * p, c, t // p)  # [B p, 1, T / p]
+        for conv in [*self.convs, self.conv_post]:
+            x = _column_conv(conv, x) if folded else conv(x)
+            if conv is not self.conv_post:
+                x = F.leaky_relu(x, LRELU_SLOPE)
+            fmap.append(_unfold_columns(x, b) if folded else x)  # [B, C, frames, p]
+        return torch.flatten(fmap[-1], 1, -1), fmap  # [B, frames * p]
 
 
 def _score_real_and_fake(discriminators, ys, y_hats):

@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import models
 import ssm
 from models import (
     AvgPool2,
     ChannelLayerNorm,
+    DiscriminatorP,
     GroupedConv1d,
     MambaResidualBlock,
     MambaStack,
@@ -282,6 +284,25 @@ def test_discriminator_outputs(disc, n_subs, n_fmaps):
         assert len(fr) == len(ff) == n_fmaps
         assert all(a.shape == b.shape for a, b in zip(fr, ff))
         assert not torch.equal(r, f)
+
+
+@pytest.mark.parametrize("period", [2, 5])
+def test_mpd_columns_as_batch_items_give_the_conv2d_results(monkeypatch, period):
+    torch.manual_seed(0)
+    d = DiscriminatorP(period).double()
+    y = torch.randn(2, 1, 3001, dtype=torch.float64, requires_grad=True)  # padded to p columns
+
+    def scores_and_grads():
+        score, fmap = d(y)
+        loss = score.square().mean() + sum(f.square().mean() for f in fmap)
+        return [score, *fmap], torch.autograd.grad(loss, [y, *d.parameters()])
+
+    outputs, grads = scores_and_grads()
+    monkeypatch.setattr(models, "COLUMNS_AS_BATCH_MAX_PERIOD", 0)  # each Conv2d as a module
+    expected_outputs, expected_grads = scores_and_grads()
+    for out, expected in zip(outputs + list(grads), expected_outputs + list(expected_grads)):
+        assert out.shape == expected.shape
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_msd_grouped_layers_run_the_compiled_kernel_with_nn_conv1d_results(monkeypatch):
