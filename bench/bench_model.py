@@ -11,6 +11,7 @@ Markdown tables; no asserts.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -216,8 +217,10 @@ def worker_train(args) -> dict:
     torch.manual_seed(0)
     y = torch.randn(args.batch, 1, args.segment) * 0.1
     x = y.clone()
-    cfg = load_config("cfgs.json", [f"train.batch_size={args.batch}"])
-    run = train.build(cfg, scan_impl=args.impl)
+    overrides = [f"train.batch_size={args.batch}"]
+    if args.data_root:  # a baseline's worktree has no ../shared beside it
+        overrides.append(f"data.root={args.data_root}")
+    run = train.build(load_config("cfgs.json", overrides), scan_impl=args.impl)
     times = []
     for _ in range(args.warmup + args.runs):
         t0 = time.perf_counter()
@@ -230,6 +233,27 @@ def worker_train(args) -> dict:
         "times": times,
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+@contextlib.contextmanager
+def code_sources(baseline: str | None):
+    """[(label, folder)] of the code to time: a temporary `git worktree` of commit baseline
+    (when given), then this checkout; the worktree is removed afterwards."""
+    if not baseline:
+        yield [("this checkout", ".")]
+        return
+    worktree = tempfile.mkdtemp(prefix="bench_baseline_")
+    added = subprocess.run(
+        ["git", "worktree", "add", "--detach", worktree, baseline],
+        capture_output=True,
+        text=True,
+    )
+    if added.returncode != 0:
+        sys.exit(f"git worktree add {baseline} failed: {added.stderr.strip()}")
+    try:
+        yield [(f"@{baseline}", worktree), ("this checkout", ".")]
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", worktree])
 
 
 def run_worker(mode: str, impl: str, args, extra=(), root=".") -> dict:
@@ -289,6 +313,7 @@ def _parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--impl", default="torch", help=argparse.SUPPRESS)
     parser.add_argument("--num-threads", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--data-root", help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -410,27 +435,13 @@ def main():
         " peak RSS (MB) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    sources = [("this checkout", ".")]
-    if args.baseline:
-        worktree = tempfile.mkdtemp(prefix="bench_baseline_")
-        added = subprocess.run(
-            ["git", "worktree", "add", "--detach", worktree, args.baseline],
-            capture_output=True,
-            text=True,
-        )
-        if added.returncode != 0:
-            sys.exit(f"git worktree add {args.baseline} failed: {added.stderr.strip()}")
-        sources.insert(0, (f"@{args.baseline}", worktree))
     ok = []
-    try:
+    with code_sources(args.baseline) as sources:
         for _ in range(args.rounds):
             for label, root in sources:
                 for impl in args.impls:
                     for threads in args.threads:
                         ok += print_rtf_rows(args, label, root, impl, threads, work)
-    finally:
-        if args.baseline:
-            subprocess.run(["git", "worktree", "remove", "--force", worktree])
 
     if not args.no_profile:
         print_profiles(args, ok)

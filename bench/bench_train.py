@@ -9,7 +9,9 @@ gradient clipping with each optimiser step. Each time is the median of --runs af
 warm-up. The conv FLOPs of each discriminator (counted from its layers' shapes; a backward is
 counted as twice its forward, the one into the output as the fake half's forward) and the
 measured float32 matrix-product rate say how close the discriminators run to what the CPU can
-do. Prints Markdown tables; no asserts.
+do. `--baseline REV` first times train_step whole, each run in a fresh process, for the code
+of an older commit (a temporary `git worktree`) and this checkout's, alternated `--rounds`
+times, and prints the ratio of the medians. Prints Markdown tables; no asserts.
 """
 
 import argparse
@@ -22,8 +24,9 @@ import time
 import torch
 from torch import nn
 
+import models
 import train
-from bench.bench_model import cpu_name, matmul_gflops
+from bench.bench_model import code_sources, cpu_name, matmul_gflops, run_worker
 from losses import discriminator_adv_loss, generator_adv_loss
 from utils import load_config
 
@@ -50,10 +53,16 @@ def conv_gflop(module: nn.Module, *inputs) -> float:
 
     convs = [m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
     hooks = [m.register_forward_hook(count) for m in convs]
-    with torch.no_grad():
-        module(*inputs)
-    for h in hooks:
-        h.remove()
+    # the hooks see a conv only when it is called as a module, which the multi-period
+    # discriminator skips for the periods it folds (the same convolutions)
+    folded_max, models.COLUMNS_AS_BATCH_MAX_PERIOD = models.COLUMNS_AS_BATCH_MAX_PERIOD, 0
+    try:
+        with torch.no_grad():
+            module(*inputs)
+    finally:
+        models.COLUMNS_AS_BATCH_MAX_PERIOD = folded_max
+        for h in hooks:
+            h.remove()
     return total[0] / 1e9
 
 
@@ -115,6 +124,43 @@ def pieces(run, x, y, runs: int):
         yield f"{name} clipping + AdamW step", median_s(clip_and_step, runs), None
 
 
+def print_baseline_steps(a) -> None:
+    """train_step timed whole in a fresh process for the baseline commit's code and this
+    checkout's, alternated a.rounds times (bench_model's train worker), and the ratio."""
+    worker_args = argparse.Namespace(seconds=0, runs=a.runs, warmup=2, omp_passive=False)
+    extra = ["--batch", str(a.batch), "--segment", str(a.segment)]
+    extra += ["--num-threads", str(a.threads), "--data-root", os.path.abspath(a.data_root)]
+    print(
+        f"## train_step, {a.baseline} against this checkout ({cpu_name()}, "
+        f"{a.threads or torch.get_num_threads()} threads, batch {a.batch} x {a.segment}, "
+        f"{datetime.datetime.now():%Y-%m-%d %H:%M}; each process: 2 warm-up steps, then "
+        f"{a.runs} timed)\n"
+    )
+    print("| round | code | step s (median) | runs (s) | peak RSS (MB) |")
+    print("|---|---|---|---|---|")
+    medians = {}
+    with code_sources(a.baseline) as sources:
+        for i in range(a.rounds):
+            for label, root in sources:
+                r = run_worker("train", a.impl, worker_args, extra, root)
+                if "error" in r:
+                    print(f"| {i + 1} | {label} | failed: {r['error']} | | |", flush=True)
+                    continue
+                medians.setdefault(label, []).append(r["step_s"])
+                runs = ", ".join(f"{t:.1f}" for t in r["times"])
+                print(
+                    f"| {i + 1} | {label} | {r['step_s']:.2f} | {runs} |"
+                    f" {r['peak_rss_mb']:.0f} |",
+                    flush=True,
+                )
+    if len(medians) == 2:
+        before, after = (statistics.median(v) for v in medians.values())
+        print(
+            f"\nMedian over rounds: {before:.2f} s -> {after:.2f} s, "
+            f"**{before / after:.2f}x** faster.\n"
+        )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=4)
@@ -122,9 +168,21 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--impl", default="compiled", help="scan impl")
     parser.add_argument("--threads", type=int, default=0, help="0: torch default")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="first time train_step whole for this git commit and this checkout, alternated",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="alternations with --baseline")
+    parser.add_argument("--no-pieces", action="store_true", help="skip the breakdown")
     a = parser.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.baseline:
+        a.data_root = load_config("cfgs.json").data.root
+        print_baseline_steps(a)
+    if a.no_pieces:
+        return
     torch.manual_seed(0)
     y = torch.randn(a.batch, 1, a.segment) * 0.1
     x = y.clone()
