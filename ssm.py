@@ -26,7 +26,9 @@ kernel's own exp vectorises (over channels in the forward, over the 16 states in
 backward). float32 inputs are computed in float32 (the kernel's comment says why that stays
 within 1e-5 of float64 over 48,000 steps); the forward stores the state every _CHUNK steps
 and the backward recomputes each chunk. The kernel also has Mamba's causal depthwise conv +
-SiLU, because oneDNN's depthwise conv backward costs as much as the whole scan.
+SiLU, because oneDNN's depthwise conv backward costs as much as the whole scan, and, for other
+modules, the inference-only LayerNorm and projections and the discriminators' grouped conv
+(`conv1d_compiled`), which share its build.
 """
 
 import ctypes

@@ -2,8 +2,10 @@
 // called by ssm.py (see its docstring for the scan's definition and shapes). Also, for
 // inference, the U-Net's LayerNorm over channels + LeakyReLU (models.ChannelLayerNorm), which
 // as PyTorch passes reads and writes a long sequence six times where this reads it twice, and
-// Mamba's projections (ssm.project_compiled). The scan includes delta's bias and softplus and
-// the silu(z) gate, which as separate PyTorch passes cost 40 % as much as the recurrence.
+// Mamba's projections (ssm.project_compiled), and, for training, the multi-scale
+// discriminator's grouped convolutions (ssm.conv1d_compiled). The scan includes delta's bias
+// and softplus and the silu(z) gate, which as separate PyTorch passes cost 40 % as much as the
+// recurrence.
 //
 // Layout of the work: a task is handed to an OpenMP thread and walks through time in blocks of
 // K steps (K is also the interval at which the forward stores states for the backward). In the

@@ -25,7 +25,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from utils import SAMPLING_RATE
+# read as utils.SAMPLING_RATE when used: the train worker also runs on older commits' code,
+# whose utils may not have it
+import utils
 
 
 def peak_rss_mb() -> float:
@@ -47,7 +49,7 @@ def matmul_gflops(n: int = 1024, runs: int = 20) -> float:
 
 def noise_input(generator, seconds: float) -> torch.Tensor:
     """[1, 1, T] noise at 0.1 for `seconds` of audio, T cut to a multiple of generator.hop."""
-    length = int(seconds * SAMPLING_RATE) // generator.hop * generator.hop
+    length = int(seconds * utils.SAMPLING_RATE) // generator.hop * generator.hop
     return torch.randn(1, 1, length) * 0.1
 
 
@@ -81,7 +83,7 @@ def generator_gflop_per_second_of_audio(seconds: float = 0.2) -> tuple[float, fl
             g(x)
     finally:
         ssm.selective_scan = scan
-    audio_seconds = x.shape[-1] / SAMPLING_RATE
+    audio_seconds = x.shape[-1] / utils.SAMPLING_RATE
     return (
         counter.get_total_flops() / audio_seconds / 1e9,
         scan_flops[0] / audio_seconds / 1e9,
@@ -103,7 +105,7 @@ def worker_rtf(args) -> dict:
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
     times = times[args.warmup :]
-    seconds = x.shape[-1] / SAMPLING_RATE
+    seconds = x.shape[-1] / utils.SAMPLING_RATE
     return {
         "matmul_gflops": matmul_gflops(),
         "rtf": statistics.median(times) / seconds,
