@@ -426,9 +426,10 @@ def _alternating(weight: torch.Tensor) -> torch.Tensor:
 
 # The (k, 1) kernels of DiscriminatorP see each of the p columns alone, so the Conv2d on
 # [B, C, H, p] is a conv1d on the columns as batch items [B p, C, H]: the same sums. PyTorch's
-# CPU convolutions (oneDNN) ran the narrow 2-D layout of periods 2, 3, 5 1.1-1.6x slower than
-# the folded one, and periods 7, 11 1.05-1.2x faster (forward and backward, 2 threads, batch
-# 4 x 25,600); the multi-period discriminator's part of a GAN step went 9.1 -> 7.8 s.
+# CPU convolutions (oneDNN) ran the narrow 2-D layout of periods 2, 3, 5 1.05-1.6x slower than
+# the folded one, period 7 about as fast (0.8-1.0x) and period 11 1.15x faster (forward and
+# backward, 2 threads, batch 4 x 25,600; bench/bench_conv.py); the multi-period
+# discriminator's part of a GAN step went 9.1 -> 7.8 s.
 COLUMNS_AS_BATCH_MAX_PERIOD = 5
 
 
