@@ -697,8 +697,8 @@ def conv1d_compiled(x, weight, bias, stride: int, padding: int, groups: int):
     """F.conv1d(x, weight, bias, stride, padding, groups=groups) with the compiled kernel,
     forward and backward, on CPU float32 or float64; x: [B, C_in, L]. The multi-scale
     discriminator's grouped 41-tap layers use it in training, where PyTorch's convolutions
-    ran at a third to a half of the rate of a matrix product (bench/bench_train.py); F.conv1d
-    is its reference."""
+    ran at a third to two thirds of the rate of a matrix product (bench/bench_conv.py compares
+    the two); F.conv1d is its reference."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"the compiled conv takes CPU float32 or float64, got {x.dtype}")
     c_out, w_in, _ = weight.shape
