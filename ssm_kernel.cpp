@@ -908,7 +908,7 @@ void grouped_conv_backward_weight(const GroupedConv& s, const T* x, const T* gou
   constexpr int64_t R = Correlation<T>::kRows, Q = Correlation<T>::kCols, W = kLanes<T>;
   constexpr int64_t block = Q * W;  // output channels per task
   const int64_t M = s.taps(), Cp = s.Ci * s.S, pairs = Cp * M;
-  const int64_t ld = kWeightSteps + M + R;
+  const int64_t ld = kWeightSteps + M;
   const int64_t blocks = (s.Co + block - 1) / block;
   parallel_for(s.G * blocks, n_threads, [&](int64_t task) {
     const int64_t g = task / blocks, o0 = task % blocks * block;
@@ -919,15 +919,16 @@ void grouped_conv_backward_weight(const GroupedConv& s, const T* x, const T* gou
     for (int64_t b = 0; b < s.nb; ++b) {
       for (int64_t t0 = 0; t0 < s.Lout; t0 += kWeightSteps) {
         const int64_t n = std::min(kWeightSteps, s.Lout - t0);
-        // grows[t][o] = gout[b, o0 + o, t0 + t], zero past the rows
-        std::fill(grows.begin(), grows.end(), T(0));
+        // grows[t][o] = gout[b, o0 + o, t0 + t], zero past the rows; only the n steps and the
+        // n + M panel values the sums read are packed (a short layer has n << kWeightSteps)
+        std::fill(grows.begin(), grows.begin() + n * block, T(0));
         for (int64_t o = 0; o < rows; ++o) {
           const T* go = gout + ((b * s.G + g) * s.Co + o0 + o) * s.Lout + t0;
           for (int64_t t = 0; t < n; ++t) grows[t * block + o] = go[t];
         }
         for (int64_t c = 0; c < s.Ci; ++c)
           for (int64_t r = 0; r < s.S; ++r)
-            pack_phase(x + ((b * s.G + g) * s.Ci + c) * s.L, s.L, s.S, s.P, r, t0, ld,
+            pack_phase(x + ((b * s.G + g) * s.Ci + c) * s.L, s.L, s.S, s.P, r, t0, n + M,
                        panel.data() + (c * s.S + r) * ld);
         // pairs p = c M + m in blocks of R; a block's pairs may run into the next row, whose
         // panel row follows at ld
