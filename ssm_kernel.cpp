@@ -789,7 +789,7 @@ inline void correlate_tile(const T* __restrict wb, const T* __restrict in, int64
 
 // The stride-1 correlation of one group over one stretch of steps, rows [0, O) for t in
 // [0, n), handed kTile steps of one row at a time to store(o, t, count, sums); packed is
-// pack_rows' weights, panel C rows of ld >= n + M - 1 + kTile values (zero past the input).
+// pack_rows' weights, panel C rows of ld values, ld >= n rounded up to kTile, + M - 1.
 template <typename T, typename Store>
 void correlate(const T* packed, const T* panel, int64_t O, int64_t C, int64_t M, int64_t ld,
                int64_t n, Store store) {
@@ -826,34 +826,53 @@ void pack_phase(const T* xc, int64_t L, int64_t S, int64_t P, int64_t r, int64_t
 // Steps of one task of the forward and of the input gradient.
 constexpr int64_t kConvSteps = 480;
 
+// The correlation of every batch item and group over steps [0, steps), for the forward and the
+// input gradient: weight(g, o, c, m) gives the O x C x M taps of group g; a task, one stretch
+// of kConvSteps steps of one (b, g), has fill_row(b, g, c, t0, n, row) pack input row c from
+// step t0 on (n values) and store(b, g, o, t, count, sums) write kTile steps of output row o.
+template <typename T, typename Weight, typename FillRow, typename Store>
+void correlate_groups(const GroupedConv& s, int64_t O, int64_t C, int64_t steps, Weight weight,
+                      FillRow fill_row, Store store, int n_threads) {
+  const int64_t M = s.taps(), tile = Correlation<T>::kTile;
+  std::vector<std::vector<T>> packed(s.G);
+  for (int64_t g = 0; g < s.G; ++g)
+    packed[g] = pack_rows<T>(O, C, M, [&](int64_t o, int64_t c, int64_t m) {
+      return weight(g, o, c, m);
+    });
+  const int64_t tiles = (steps + kConvSteps - 1) / kConvSteps;
+  parallel_for(s.nb * s.G * tiles, n_threads, [&](int64_t task) {
+    const int64_t b = task / (s.G * tiles), g = task / tiles % s.G;
+    const int64_t t0 = task % tiles * kConvSteps, n = std::min(kConvSteps, steps - t0);
+    const int64_t ld = (n + tile - 1) / tile * tile + M - 1;  // what the last tile reads
+    std::vector<T> panel(C * ld);
+    for (int64_t c = 0; c < C; ++c) fill_row(b, g, c, t0, ld, panel.data() + c * ld);
+    correlate<T>(packed[g].data(), panel.data(), O, C, M, ld, n,
+                 [&](int64_t o, int64_t t, int64_t len, const T* sums) {
+                   store(b, g, o, t0 + t, len, sums);
+                 });
+  });
+}
+
 template <typename T>
 void grouped_conv_forward(const GroupedConv& s, const T* x, const T* w, const T* bias, T* out,
                           int n_threads) {
-  const int64_t M = s.taps(), Cp = s.Ci * s.S, tile = Correlation<T>::kTile;
-  std::vector<std::vector<T>> packed(s.G);
-  for (int64_t g = 0; g < s.G; ++g)
-    packed[g] = pack_rows<T>(s.Co, Cp, M, [&](int64_t o, int64_t c, int64_t m) {
-      const int64_t j = c % s.S + s.S * m;  // input row c = (channel c / S, phase c % S)
-      return j < s.K ? w[((g * s.Co + o) * s.Ci + c / s.S) * s.K + j] : T(0);
-    });
-  const int64_t tiles = (s.Lout + kConvSteps - 1) / kConvSteps;
-  parallel_for(s.nb * s.G * tiles, n_threads, [&](int64_t task) {
-    const int64_t b = task / (s.G * tiles), g = task / tiles % s.G;
-    const int64_t t0 = task % tiles * kConvSteps, n = std::min(kConvSteps, s.Lout - t0);
-    const int64_t ld = (n + tile - 1) / tile * tile + M - 1 + tile;
-    // panel[c S + r][q] = x[c, S (t0 + q) + r - P], zero outside x
-    std::vector<T> panel(Cp * ld);
-    for (int64_t c = 0; c < s.Ci; ++c)
-      for (int64_t r = 0; r < s.S; ++r)
-        pack_phase(x + ((b * s.G + g) * s.Ci + c) * s.L, s.L, s.S, s.P, r, t0, ld,
-                   panel.data() + (c * s.S + r) * ld);
-    T* ob = out + (b * s.G + g) * s.Co * s.Lout + t0;
-    correlate<T>(packed[g].data(), panel.data(), s.Co, Cp, M, ld, n,
-                 [&](int64_t o, int64_t t, int64_t len, const T* sums) {
-                   const T bo = bias ? bias[g * s.Co + o] : T(0);
-                   for (int64_t i = 0; i < len; ++i) ob[o * s.Lout + t + i] = sums[i] + bo;
-                 });
-  });
+  // input row c = (channel c / S, phase c % S): x[c / S, S (t0 + q) + c % S - P]
+  correlate_groups<T>(
+      s, s.Co, s.Ci * s.S, s.Lout,
+      [&](int64_t g, int64_t o, int64_t c, int64_t m) {
+        const int64_t j = c % s.S + s.S * m;
+        return j < s.K ? w[((g * s.Co + o) * s.Ci + c / s.S) * s.K + j] : T(0);
+      },
+      [&](int64_t b, int64_t g, int64_t c, int64_t t0, int64_t n, T* row) {
+        pack_phase(x + ((b * s.G + g) * s.Ci + c / s.S) * s.L, s.L, s.S, s.P, c % s.S, t0, n,
+                   row);
+      },
+      [&](int64_t b, int64_t g, int64_t o, int64_t t, int64_t len, const T* sums) {
+        const T bo = bias ? bias[g * s.Co + o] : T(0);
+        T* ob = out + ((b * s.G + g) * s.Co + o) * s.Lout + t;
+        for (int64_t i = 0; i < len; ++i) ob[i] = sums[i] + bo;
+      },
+      n_threads);
 }
 
 // gx[c, S q + r - P] = sum_o sum_m w[o, c, r + S m] gout[o, q - m]: the correlation of gout,
@@ -861,35 +880,28 @@ void grouped_conv_forward(const GroupedConv& s, const T* x, const T* w, const T*
 template <typename T>
 void grouped_conv_backward_input(const GroupedConv& s, const T* gout, const T* w, T* gx,
                                  int n_threads) {
-  const int64_t M = s.taps(), Cp = s.Ci * s.S, tile = Correlation<T>::kTile;
-  std::vector<std::vector<T>> packed(s.G);
-  for (int64_t g = 0; g < s.G; ++g)
-    packed[g] = pack_rows<T>(Cp, s.Co, M, [&](int64_t c, int64_t o, int64_t m) {
-      const int64_t j = c % s.S + s.S * (M - 1 - m);
-      return j < s.K ? w[((g * s.Co + o) * s.Ci + c / s.S) * s.K + j] : T(0);
-    });
+  const int64_t M = s.taps();
   // phase steps q covering x: S q + r - P in [0, L)
   const int64_t Lq = (s.L + s.P + s.S - 1) / s.S;
-  const int64_t tiles = (Lq + kConvSteps - 1) / kConvSteps;
-  parallel_for(s.nb * s.G * tiles, n_threads, [&](int64_t task) {
-    const int64_t b = task / (s.G * tiles), g = task / tiles % s.G;
-    const int64_t q0 = task % tiles * kConvSteps, n = std::min(kConvSteps, Lq - q0);
-    const int64_t ld = (n + tile - 1) / tile * tile + M - 1 + tile;
-    // panel[o][i] = gout[o, q0 + i - (M - 1)], zero outside gout
-    std::vector<T> panel(s.Co * ld);
-    for (int64_t o = 0; o < s.Co; ++o)
-      pack_phase(gout + ((b * s.G + g) * s.Co + o) * s.Lout, s.Lout, 1, M - 1, 0, q0, ld,
-                 panel.data() + o * ld);
-    T* gxb = gx + (b * s.G + g) * s.Ci * s.L;
-    correlate<T>(packed[g].data(), panel.data(), Cp, s.Co, M, ld, n,
-                 [&](int64_t row, int64_t t, int64_t len, const T* sums) {
-                   const int64_t c = row / s.S, r = row % s.S;
-                   for (int64_t i = 0; i < len; ++i) {
-                     const int64_t at = s.S * (q0 + t + i) + r - s.P;
-                     if (at >= 0 && at < s.L) gxb[c * s.L + at] = sums[i];
-                   }
-                 });
-  });
+  correlate_groups<T>(
+      s, s.Ci * s.S, s.Co, Lq,
+      [&](int64_t g, int64_t c, int64_t o, int64_t m) {
+        const int64_t j = c % s.S + s.S * (M - 1 - m);
+        return j < s.K ? w[((g * s.Co + o) * s.Ci + c / s.S) * s.K + j] : T(0);
+      },
+      [&](int64_t b, int64_t g, int64_t o, int64_t q0, int64_t n, T* row) {
+        // gout[o, q0 + i - (M - 1)], zero outside gout
+        pack_phase(gout + ((b * s.G + g) * s.Co + o) * s.Lout, s.Lout, 1, M - 1, 0, q0, n, row);
+      },
+      [&](int64_t b, int64_t g, int64_t row, int64_t q, int64_t len, const T* sums) {
+        const int64_t c = row / s.S, r = row % s.S;
+        T* gxc = gx + ((b * s.G + g) * s.Ci + c) * s.L;
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t at = s.S * (q + i) + r - s.P;
+          if (at >= 0 && at < s.L) gxc[at] = sums[i];
+        }
+      },
+      n_threads);
 }
 
 // gw[o, c, r + S m] = sum_b sum_t gout[b, o, t] x[b, c, S (t + m) + r - P]: for each input row
