@@ -44,7 +44,8 @@ def median_s(fn, runs: int) -> tuple[float, float]:
 
 
 def conv_gflop(module: nn.Module, *inputs) -> float:
-    """Forward FLOPs of every Conv1d / Conv2d in module for these inputs, in GFLOP."""
+    """Forward FLOPs of every Conv1d / Conv2d in module for these inputs, in GFLOP, as direct
+    convolutions (Winograd's layers compute the same outputs with fewer)."""
     total = [0]
 
     def count(conv, args, out):
@@ -54,13 +55,15 @@ def conv_gflop(module: nn.Module, *inputs) -> float:
     convs = [m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
     hooks = [m.register_forward_hook(count) for m in convs]
     # the hooks see a conv only when it is called as a module, which the multi-period
-    # discriminator skips for the periods it folds (the same convolutions)
+    # discriminator skips (the same convolutions, folded or as Winograd's products)
     folded_max, models.COLUMNS_AS_BATCH_MAX_PERIOD = models.COLUMNS_AS_BATCH_MAX_PERIOD, 0
+    period_conv, models._period_conv = models._period_conv, lambda conv, x: conv(x)
     try:
         with torch.no_grad():
             module(*inputs)
     finally:
         models.COLUMNS_AS_BATCH_MAX_PERIOD = folded_max
+        models._period_conv = period_conv
         for h in hooks:
             h.remove()
     return total[0] / 1e9

@@ -21,7 +21,9 @@ from models import (
     MultiPeriodDiscriminator,
     MultiScaleDiscriminator,
     WaveUMamba,
+    WinogradConv1d,
     load_generator,
+    winograd_conv,
 )
 from utils import config_to_dict, load_config
 
@@ -286,7 +288,47 @@ def test_discriminator_outputs(disc, n_subs, n_fmaps):
         assert not torch.equal(r, f)
 
 
-@pytest.mark.parametrize("period", [2, 5])
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 1), (2, 3, 4), (3, 5, 7), (1, 4, 30), (2, 4, 13, 3), (1, 2, 2, 5)]
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_winograd_conv_is_the_5_tap_same_convolution(shape, bias):
+    # lengths shorter than the kernel, not a multiple of the 4-output tile, and the 2-D
+    # layout [N, C, H, p] of the multi-period discriminator
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    w_shape = (6, shape[1], 5) + (1,) * (len(shape) - 3)
+    w = torch.randn(w_shape, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True) if bias else None
+    conv, padding = (F.conv2d, (2, 0)) if len(shape) == 4 else (F.conv1d, 2)
+    inputs = [x, w] + ([b] if bias else [])
+    expected = conv(x, w, b, padding=padding)
+    y = winograd_conv(x, w, b)
+    assert y.shape == expected.shape
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn_like(y)
+    for got, want in zip(
+        torch.autograd.grad(y, inputs, grad_out), torch.autograd.grad(expected, inputs, grad_out)
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_winograd_conv_float32_error_is_within_10x_a_direct_convolutions():
+    # The discriminators' width (1,024 channels) in float32, against float64: Winograd's
+    # transforms add rounding, bounded here relative to the largest output.
+    torch.manual_seed(0)
+    x = torch.randn(2, 1024, 97, dtype=torch.float64)
+    w = torch.randn(1024, 1024, 5, dtype=torch.float64) / 70
+    b = torch.randn(1024, dtype=torch.float64)
+    exact = F.conv1d(x, w, b, padding=2)
+    scale = exact.abs().max()
+    direct_error = (F.conv1d(x.float(), w.float(), b.float(), padding=2) - exact).abs().max()
+    winograd_error = (winograd_conv(x.float(), w.float(), b.float()) - exact).abs().max()
+    assert winograd_error / scale < 5e-6
+    assert winograd_error < 10 * direct_error
+
+
+@pytest.mark.parametrize("period", [2, 5, 7])
 def test_mpd_columns_as_batch_items_give_the_conv2d_results(monkeypatch, period):
     torch.manual_seed(0)
     d = DiscriminatorP(period).double()
@@ -298,14 +340,16 @@ def test_mpd_columns_as_batch_items_give_the_conv2d_results(monkeypatch, period)
         return [score, *fmap], torch.autograd.grad(loss, [y, *d.parameters()])
 
     outputs, grads = scores_and_grads()
-    monkeypatch.setattr(models, "COLUMNS_AS_BATCH_MAX_PERIOD", 0)  # each Conv2d as a module
+    # each Conv2d as a module: the 2-D layout and no Winograd
+    monkeypatch.setattr(models, "COLUMNS_AS_BATCH_MAX_PERIOD", 0)
+    monkeypatch.setattr(models, "_period_conv", lambda conv, x: conv(x))
     expected_outputs, expected_grads = scores_and_grads()
     for out, expected in zip(outputs + list(grads), expected_outputs + list(expected_grads)):
         assert out.shape == expected.shape
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
 
 
-def test_msd_grouped_layers_run_the_compiled_kernel_with_nn_conv1d_results(monkeypatch):
+def test_msd_grouped_and_winograd_layers_give_nn_conv1d_results(monkeypatch):
     torch.manual_seed(0)
     msd = MultiScaleDiscriminator().double()
     msd.discriminators[0].eval()  # holds the spectral norm's estimate between the two runs
@@ -324,6 +368,7 @@ def test_msd_grouped_layers_run_the_compiled_kernel_with_nn_conv1d_results(monke
     outputs, grads = scores_and_grads()
     assert len(calls) == 2 * 3 * 5  # real and fake, three scales, five grouped layers each
     monkeypatch.setattr(GroupedConv1d, "_conv_forward", torch.nn.Conv1d._conv_forward)
+    monkeypatch.setattr(WinogradConv1d, "_conv_forward", torch.nn.Conv1d._conv_forward)
     expected_outputs, expected_grads = scores_and_grads()
     for out, expected in zip(outputs + list(grads), expected_outputs + list(expected_grads)):
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
