@@ -480,7 +480,9 @@ def winograd_conv(x, weight, bias):
     x = F.pad(x, (0, 0, pad, tiles * outputs + WINOGRAD_TAPS - 1 - length - pad))
     d = x.unfold(2, n, outputs)  # [N, C, tiles, P, n], overlapping views
     v = torch.einsum("ij,nctpj->icntp", b_t, d).reshape(n, c_in, -1)
-    u = torch.einsum("ij,kcj->ikc", g, weight.reshape(c_out, c_in, WINOGRAD_TAPS))
+    # [n, r] x [r, K C], one matrix product: einsum's batched one ran the forward 3x slower
+    taps_first = weight.reshape(c_out, c_in, WINOGRAD_TAPS).permute(2, 0, 1)
+    u = (g @ taps_first.reshape(WINOGRAD_TAPS, -1)).view(n, c_out, c_in)
     m = torch.bmm(u, v).view(n, c_out, nb, tiles, -1)
     y = torch.einsum("ij,jkntp->nktip", a_t, m).reshape(nb, c_out, tiles * outputs, -1)
     y = y[:, :, :length]

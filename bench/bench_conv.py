@@ -1,6 +1,6 @@
 """The discriminators' convolutions on CPU, as a GAN step runs them: PyTorch's vs ours.
 
-Run from the repo root: `python -m bench.bench_conv [--threads 2]` (a few minutes). Two tables,
+Run from the repo root: `python -m bench.bench_conv [--threads 2]` (a few minutes). Three tables,
 forward and backward (input and weight gradients) on the real batch shapes (batch 4 x 25,600
 samples, float32):
 - every grouped layer of the multi-scale discriminator at its three scales, F.conv1d against
@@ -8,6 +8,9 @@ samples, float32):
 - each period's DiscriminatorP, forward + backward through all its layers, with its (k, 1)
   convs as Conv2d modules on [B, C, H, p] against conv1d on the columns as batch items
   [B p, C, H] (models.COLUMNS_AS_BATCH_MAX_PERIOD picks one per period).
+- the stride-1 5-tap layers (each period's last 1024 -> 1024, in its layout, and the
+  multi-scale discriminator's 1024 -> 1024 at its three scales), F.conv1d / F.conv2d against
+  models.winograd_conv, GFLOP/s counted as a direct convolution's.
 The two ways take turns run by run (bench_scan's timing); each time is the best of --repeats.
 Prints Markdown tables; no asserts.
 """
@@ -39,6 +42,34 @@ def msd_grouped_layers():
     return layers
 
 
+def print_passes(row, gflop, theirs, ours, inputs, grad_out, repeats) -> list[float]:
+    """Prints a forward and a backward (gradients of inputs) row, each starting with row, of
+    two functions computing one convolution of gflop, timed taking turns: GFLOP/s of each and
+    the speed-up. Returns the forward + backward ms of each."""
+    with torch.no_grad():
+        forward = [t for t, _ in best_ms([theirs, ours], repeats)]
+    both = [
+        t
+        for t, _ in best_ms(
+            [
+                lambda: torch.autograd.grad(theirs(), inputs, grad_out),
+                lambda: torch.autograd.grad(ours(), inputs, grad_out),
+            ],
+            repeats,
+        )
+    ]
+    backward = [a - f for a, f in zip(both, forward)]
+    for what, (t_theirs, t_ours), work in (
+        ("forward", forward, gflop),
+        ("backward", backward, 2 * gflop),
+    ):
+        print(
+            f"{row} | {what} | {work / t_theirs * 1e3:.0f} | {work / t_ours * 1e3:.0f} "
+            f"| {t_theirs / t_ours:.2f}x |"
+        )
+    return both
+
+
 def grouped_table(repeats: int) -> None:
     print("| pooling | layer | GFLOP | pass | F.conv1d GFLOP/s | compiled GFLOP/s | speed-up |")
     print("|---|---|---|---|---|---|---|")
@@ -59,26 +90,16 @@ def grouped_table(repeats: int) -> None:
         def compiled_conv():
             return ssm.conv1d_compiled(x, w, b, *args)
 
-        with torch.no_grad():
-            forward = best_ms([torch_conv, compiled_conv], repeats)
-        both = best_ms(
-            [
-                lambda: torch.autograd.grad(torch_conv(), [x, w, b], gout),
-                lambda: torch.autograd.grad(compiled_conv(), [x, w, b], gout),
-            ],
+        both = print_passes(
+            f"| {scale} | {c_in}->{c_out}, stride {stride}, groups {groups} | {gflop:.1f}",
+            gflop,
+            torch_conv,
+            compiled_conv,
+            [x, w, b],
+            gout,
             repeats,
         )
-        backward = [(a[0] - f[0]) for a, f in zip(both, forward)]
-        name = f"{c_in}->{c_out}, stride {stride}, groups {groups}"
-        for what, (t_torch, t_ours), work in (
-            ("forward", [f[0] for f in forward], gflop),
-            ("backward", backward, 2 * gflop),
-        ):
-            print(
-                f"| {scale} | {name} | {gflop:.1f} | {what} | {work / t_torch * 1e3:.0f} "
-                f"| {work / t_ours * 1e3:.0f} | {t_torch / t_ours:.2f}x |"
-            )
-        totals = [totals[0] + both[0][0], totals[1] + both[1][0]]
+        totals = [totals[0] + both[0], totals[1] + both[1]]
     print(
         f"| all | forward + backward, ms | | | {totals[0]:.0f} | {totals[1]:.0f} "
         f"| {totals[0] / totals[1]:.2f}x |"
@@ -111,6 +132,52 @@ def period_table(repeats: int) -> None:
         models.COLUMNS_AS_BATCH_MAX_PERIOD = folded_max
 
 
+def winograd_layers():
+    # (name, input shape) of every stride-1 5-tap layer, in the layout the discriminators run
+    layers = []
+    for period in (2, 3, 5, 7, 11):
+        height = -(-SEGMENT // period)
+        for _ in range(4):  # the four (5, 1) convs at stride 3, padding 2
+            height = (height - 1) // 3 + 1
+        if period <= models.COLUMNS_AS_BATCH_MAX_PERIOD:
+            layers.append((f"period {period}, columns as batch", (BATCH * period, 1024, height)))
+        else:
+            layers.append((f"period {period}, [B, C, H, p]", (BATCH, 1024, height, period)))
+    for scale, c_in, c_out, taps, stride, groups, length in msd_grouped_layers():
+        if c_in == c_out == 1024:  # the last grouped layer, stride 1: the dense layer's input
+            layers.append((f"scale x{scale}", (BATCH, 1024, length)))
+    return layers
+
+
+def winograd_table(repeats: int) -> None:
+    print("\n| layer | input | GFLOP | pass | direct GFLOP/s | Winograd GFLOP/s | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    totals = [0.0, 0.0]
+    for name, shape in winograd_layers():
+        x = torch.randn(*shape, requires_grad=True)
+        w = (torch.randn(1024, 1024, 5, *[1] * (len(shape) - 3)) / 70).requires_grad_(True)
+        b = torch.randn(1024, requires_grad=True)
+        conv, padding = (F.conv2d, (2, 0)) if len(shape) == 4 else (F.conv1d, 2)
+        gout = torch.randn(conv(x, w, b, padding=padding).shape)
+        gflop = 2 * gout.numel() * 1024 * 5 / 1e9
+
+        def direct():
+            return conv(x, w, b, padding=padding)
+
+        def winograd():
+            return models.winograd_conv(x, w, b)
+
+        both = print_passes(
+            f"| {name} | {list(shape)} | {gflop:.1f}", gflop, direct, winograd, [x, w, b], gout,
+            repeats,
+        )
+        totals = [totals[0] + both[0], totals[1] + both[1]]
+    print(
+        f"| all | forward + backward, ms | | | {totals[0]:.0f} | {totals[1]:.0f} "
+        f"| {totals[0] / totals[1]:.2f}x |"
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=0, help="0: torch default")
@@ -126,6 +193,7 @@ def main():
     )
     grouped_table(a.repeats)
     period_table(a.repeats)
+    winograd_table(a.repeats)
 
 
 if __name__ == "__main__":
