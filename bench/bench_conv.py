@@ -17,14 +17,13 @@ Prints Markdown tables; no asserts.
 
 import argparse
 import datetime
-import os
 
 import torch
 import torch.nn.functional as F
 
 import models
 import ssm
-from bench.bench_scan import best_ms
+from bench.bench_scan import best_ms, load_average
 
 BATCH, SEGMENT = 4, 25600
 
@@ -186,7 +185,7 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    load = load_average()
     print(
         f"date: {datetime.datetime.now():%Y-%m-%d %H:%M}, threads: {torch.get_num_threads()}, "
         f"load average: {load}, batch {BATCH} x {SEGMENT} samples\n"

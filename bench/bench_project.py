@@ -10,12 +10,11 @@ the best of its runs. Prints a Markdown table; no asserts.
 
 import argparse
 import datetime
-import os
 
 import torch
 
 import ssm
-from bench.bench_scan import best_ms
+from bench.bench_scan import best_ms, load_average
 from models import MambaStack, WaveUMamba
 
 
@@ -38,7 +37,7 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     length = MambaStack.CHUNK_STEPS
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    load = load_average()
     print(
         f"date: {datetime.datetime.now():%Y-%m-%d %H:%M}, threads: {torch.get_num_threads()}, "
         f"load average: {load}, steps: {length}\n"

@@ -76,6 +76,11 @@ def run(inputs, impl, backward, module=ssm):
     return [y, *torch.autograd.grad(y, xs, gy)]
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages as the tables print them: "1.2, 0.8, 0.5"."""
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def best_ms(fns, repeats):
     """Best wall-clock and best CPU (all threads) time, in ms, of `repeats` runs of each
     function after a warm-up: [(wall, cpu)] in the order of fns. The functions take turns, run
@@ -118,7 +123,7 @@ def main():
     print(
         f"device: cpu ({platform.processor() or platform.machine()}), torch {torch.__version__}"
     )
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    load = load_average()
     print(
         f"date: {datetime.datetime.now():%Y-%m-%d %H:%M}, threads: {torch.get_num_threads()},"
         f" load average: {load} (a shared machine: each time is the best of its runs)"

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import dataset
+from bench.bench_scan import load_average
 from inference_wav import PRETRAINED_PATH, SuperResolver
 from utils import SAMPLING_RATE
 
@@ -95,7 +96,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     resolver = SuperResolver.from_pretrained(args.checkpoint, device="cpu")
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    load = load_average()
     print(
         f"device: cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} "
         f"cores), torch {torch.__version__}, {args.threads} threads, "
@@ -120,7 +121,7 @@ def main():
         rtf = whole_rtf(resolver, sr, args.seconds)
         whole = f"upsample(), {resolver.block_seconds:g} s blocks"
         print(f"| {sr} Hz | {whole} | | | | | {rtf:.2f} |")
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    load = load_average()
     print(f"\nload average at the end: {load}")
 
 

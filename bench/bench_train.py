@@ -27,6 +27,7 @@ from torch import nn
 import models
 import train
 from bench.bench_model import code_sources, cpu_name, matmul_gflops, run_worker
+from bench.bench_scan import load_average
 from losses import discriminator_adv_loss, generator_adv_loss
 from utils import load_config
 
@@ -193,7 +194,7 @@ def main():
     run = train.build(cfg, scan_impl=a.impl)
     step, step_cpu = median_s(lambda: train.train_step(run, (x, y)), a.runs)
     rate = matmul_gflops()
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    load = load_average()
     print(
         f"## GAN training step on CPU ({cpu_name()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, {datetime.datetime.now():%Y-%m-%d %H:%M}, "
