@@ -443,20 +443,6 @@ def _period_conv(conv, x):
     return conv_fn(x, weight, conv.bias, conv.stride[: x.dim() - 2], conv.padding[: x.dim() - 2])
 
 
-def _winograd_matrices(outputs, taps, points):
-    # Toom-Cook: (A^T [m, n], G [n, r], B^T [n, n]) of the m outputs of an r-tap correlation
-    # from n = m + r - 1 inputs, y = A^T ((G w) * (B^T d)), for the n - 1 points and infinity.
-    # A convolution is s = V^-1 ((V_r w) * (V_m h)) with V_k the Vandermonde rows (p^0 .. p^k-1)
-    # at the points (and (0 .. 0 1) at infinity); the correlation is its transpose in h.
-    n = outputs + taps - 1
-
-    def vandermonde(columns):
-        rows = [[p**j for j in range(columns)] for p in points] + [[0] * (columns - 1) + [1]]
-        return torch.tensor(rows, dtype=torch.float64)
-
-    return vandermonde(outputs).T, vandermonde(taps), torch.linalg.inv(vandermonde(n)).T
-
-
 # The stride-1, 5-tap layers of both discriminators (MPD's last 1024 -> 1024, MSD's
 # 1024 -> 1024 after its grouped layers; 45 % of their convolution FLOPs) run as Winograd
 # F(4, 5) on CPU: each output takes 8 / 4 = 2 products of the channel sums instead of 5, as
@@ -465,7 +451,7 @@ def _winograd_matrices(outputs, taps, points):
 # for 1,024 channels, measured); points 0, +-1, +-2, +-1/2, the usual ones for F(6, 3). F(6, 5)
 # with +-3 as well ran a little faster but erred by 2.4e-5.
 WINOGRAD_TAPS = 5
-_WINOGRAD = _winograd_matrices(4, WINOGRAD_TAPS, [0, 1, -1, 2, -2, 0.5, -0.5])
+_WINOGRAD = ssm.winograd_matrices(4, WINOGRAD_TAPS, [0, 1, -1, 2, -2, 0.5, -0.5])
 
 
 def winograd_conv(x, weight, bias):

@@ -238,11 +238,11 @@ def _load_kernel():
             [p] * 3 + [i64] * 3 + [ctypes.c_double] * 2 + [p, i32]
         )
         getattr(lib, f"project_fwd_{suffix}").argtypes = [p] * 2 + [i64] * 4 + [p, i32]
-        getattr(lib, f"grouped_conv_fwd_{suffix}").argtypes = [p] * 3 + [i64] * 9 + [p, i32]
-        for part in ("input", "weight"):
-            getattr(lib, f"grouped_conv_bwd_{part}_{suffix}").argtypes = (
-                [p] * 2 + [i64] * 9 + [p, i32]
-            )
+        getattr(lib, f"grouped_conv_fwd_{suffix}").argtypes = [p] * 3 + [i64] * 9 + [p] * 2 + [i32]
+        getattr(lib, f"grouped_conv_bwd_input_{suffix}").argtypes = (
+            [p] * 2 + [i64] * 9 + [p] * 2 + [i32]
+        )
+        getattr(lib, f"grouped_conv_bwd_weight_{suffix}").argtypes = [p] * 2 + [i64] * 9 + [p, i32]
     _kernel = lib
     return lib
 
@@ -650,6 +650,30 @@ def _engine_will_use(node) -> bool:
         return True
 
 
+def winograd_matrices(outputs, taps, points):
+    """Toom-Cook: (A^T [m, n], G [n, r], B^T [n, n]) in float64 of the m outputs of an r-tap
+    correlation from n = m + r - 1 inputs, y = A^T ((G w) * (B^T d)), for the n - 1 points and
+    infinity."""
+    # A convolution is s = V^-1 ((V_r w) * (V_m h)) with V_k the Vandermonde rows (p^0 .. p^k-1)
+    # at the points (and (0 .. 0 1) at infinity); the correlation is its transpose in h.
+    n = outputs + taps - 1
+
+    def vandermonde(columns):
+        rows = [[p**j for j in range(columns)] for p in points] + [[0] * (columns - 1) + [1]]
+        return torch.tensor(rows, dtype=torch.float64)
+
+    return vandermonde(outputs).T, vandermonde(taps), torch.linalg.inv(vandermonde(n)).T
+
+
+# The grouped conv's forward and input gradient run as Winograd F(4, 4) (ssm_kernel.cpp); its
+# matrices, flattened, for the kernel. In float32 on the discriminator's layers they err by
+# 2-5e-6 of the largest value, 2.5-16x a direct convolution (tests/test_ssm.py); the other
+# sets of 6 points tried, 0, +-1 with two of +-2, +-1/2, did no better.
+_GROUPED_WINOGRAD = torch.cat(
+    [t.flatten() for t in winograd_matrices(4, 4, [0, 1, -1, 0.5, -0.5, 2])]
+)
+
+
 class _CompiledGroupedConv(torch.autograd.Function):
     # F.conv1d(x, weight, bias, stride, padding, groups=groups) on contiguous CPU tensors of one
     # dtype; x: [B, C_in, L]; weight: [C_out, C_in / groups, K]; bias: [C_out]. The backward
@@ -663,8 +687,8 @@ class _CompiledGroupedConv(torch.autograd.Function):
         out_length = (length + 2 * padding - taps) // stride + 1
         out = x.new_empty(nb, c_out, out_length)
         _kernel_function("grouped_conv_fwd", x.dtype)(
-            _ptr(x), _ptr(weight), _ptr(bias), *shape, out_length, _ptr(out),
-            torch.get_num_threads(),
+            _ptr(x), _ptr(weight), _ptr(bias), *shape, out_length, _ptr(_GROUPED_WINOGRAD),
+            _ptr(out), torch.get_num_threads(),
         )
         ctx.shape = (*shape, out_length)
         ctx.save_for_backward(x, weight)
@@ -681,7 +705,7 @@ class _CompiledGroupedConv(torch.autograd.Function):
         if used[0]:
             gx = torch.empty_like(x)
             _kernel_function("grouped_conv_bwd_input", x.dtype)(
-                _ptr(gout), _ptr(weight), *ctx.shape, _ptr(gx), threads
+                _ptr(gout), _ptr(weight), *ctx.shape, _ptr(_GROUPED_WINOGRAD), _ptr(gx), threads
             )
         if used[1]:
             gw = torch.empty_like(weight)
@@ -698,7 +722,8 @@ def conv1d_compiled(x, weight, bias, stride: int, padding: int, groups: int):
     forward and backward, on CPU float32 or float64; x: [B, C_in, L]. The multi-scale
     discriminator's grouped 41-tap layers use it in training, where PyTorch's convolutions
     ran at a third to two thirds of the rate of a matrix product (bench/bench_conv.py compares
-    the two); F.conv1d is its reference."""
+    the two); its forward and input gradient are Winograd F(4, 4) (_GROUPED_WINOGRAD), with
+    half the products. F.conv1d is its reference."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"the compiled conv takes CPU float32 or float64, got {x.dtype}")
     c_out, w_in, _ = weight.shape

@@ -738,28 +738,15 @@ void project_forward(const T* w, const T* x, int64_t nb, int64_t M, int64_t K, i
 // a polyphase input: with stride S, tap j = r + S m reads phase r of the padded input at t + m,
 // so the (channel, phase) pairs are the correlation's input rows and ceil(K / S) its taps. The
 // input gradient is the same correlation of the output gradient with the taps reversed, its
-// output rows (channel, phase) pairs that are then interleaved back. Time is the SIMD lanes:
-// kRows output rows x kCols vectors of steps of sums stay in registers while (c, m) runs. 6 x 2
-// is BLIS's AVX2 shape: 12 sums, and 2 loads + 6 broadcasts per 12 FMAs; with 4 x 3 g++ loaded
-// x again for every FMA, and the tile ran at half the rate.
+// output rows (channel, phase) pairs that are then interleaved back. The forward and the input
+// gradient compute it by Winograd (below), with half the products; the weight gradient
+// directly. Time is the SIMD lanes: kRows output rows x kCols vectors of steps of sums stay in
+// registers while (c, m) runs. 6 x 2 is BLIS's AVX2 shape: 12 sums, and 2 loads + 6 broadcasts
+// per 12 FMAs; with 4 x 3 g++ loaded x again for every FMA, and the tile ran at half the rate.
 template <typename T>
 struct Correlation {
   static constexpr int64_t kRows = 6, kCols = 2, kTile = kCols * kLanes<T>;
 };
-
-// w [O, C, M] -> [ceil(O / kRows), C, M, kRows], zero past O: a row block's kRows weights of
-// one (c, m) side by side, read in order by the microkernel.
-template <typename T, typename F>
-std::vector<T> pack_rows(int64_t O, int64_t C, int64_t M, F weight) {
-  constexpr int64_t R = Correlation<T>::kRows;
-  const int64_t blocks = (O + R - 1) / R;
-  std::vector<T> packed(blocks * C * M * R, T(0));
-  for (int64_t o = 0; o < O; ++o)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t m = 0; m < M; ++m)
-        packed[((o / R * C + c) * M + m) * R + o % R] = weight(o, c, m);
-  return packed;
-}
 
 // sums[r][i] = sum_c sum_m wb[(c M + m) kRows + r] in[c ld + m + i]: one microtile of kRows
 // rows x kTile steps of the correlation; in holds C rows of ld values.
@@ -788,8 +775,10 @@ inline void correlate_tile(const T* __restrict wb, const T* __restrict in, int64
 }
 
 // The stride-1 correlation of one group over one stretch of steps, rows [0, O) for t in
-// [0, n), handed kTile steps of one row at a time to store(o, t, count, sums); packed is
-// pack_rows' weights, panel C rows of ld values, ld >= n rounded up to kTile, + M - 1.
+// [0, n), handed kTile steps of one row at a time to store(o, t, count, sums); packed holds
+// the weights as [ceil(O / kRows), C, M, kRows] (a row block's kRows weights of one (c, m) side
+// by side, zero past O, in the order the microkernel reads them), panel C rows of ld values,
+// ld >= n rounded up to kTile, + M - 1.
 template <typename T, typename Store>
 void correlate(const T* packed, const T* panel, int64_t O, int64_t C, int64_t M, int64_t ld,
                int64_t n, Store store) {
@@ -823,45 +812,128 @@ void pack_phase(const T* xc, int64_t L, int64_t S, int64_t P, int64_t r, int64_t
   }
 }
 
-// Steps of one task of the forward and of the input gradient.
-constexpr int64_t kConvSteps = 480;
+// Winograd F(4, 4) (ssm.winograd_matrices builds it; row-major A^T [4, 7], G [7, 4], B^T [7, 7]):
+// 4 outputs of a 4-tap correlation from 7 inputs, y = A^T ((G w) * (B^T d)), 7 products where
+// a direct correlation takes 16. A correlation with M taps is ceil(M / 4) chunks of 4, and
+// chunk q of tile i reads the inputs of tile i + q: so with every input tile transformed once,
+// each of the 7 points is a correlation over tiles with ceil(M / 4) taps, which the microkernel
+// above computes. The 41-tap layers then take 1.75 * 11 = 19.25 products an output per input
+// row at stride 1 (against 41), 21 at strides 2 and 4 (polyphase: 2 x 6 and 4 x 3 chunks).
+struct Winograd {
+  static constexpr int64_t m = 4, r = 4, n = 7;
+  const double *a_t, *g, *b_t;
+  explicit Winograd(const double* w) : a_t(w), g(w + m * n), b_t(w + m * n + n * r) {}
+};
 
-// The correlation of every batch item and group over steps [0, steps), for the forward and the
-// input gradient: weight(g, o, c, m) gives the O x C x M taps of group g; a task, one stretch
-// of kConvSteps steps of one (b, g), has fill_row(b, g, c, t0, n, row) pack input row c from
-// step t0 on (n values) and store(b, g, o, t, count, sums) write kTile steps of output row o.
-template <typename T, typename Weight, typename FillRow, typename Store>
-void correlate_groups(const GroupedConv& s, int64_t O, int64_t C, int64_t steps, Weight weight,
-                      FillRow fill_row, Store store, int n_threads) {
-  const int64_t M = s.taps(), tile = Correlation<T>::kTile;
-  std::vector<std::vector<T>> packed(s.G);
-  for (int64_t g = 0; g < s.G; ++g)
-    packed[g] = pack_rows<T>(O, C, M, [&](int64_t o, int64_t c, int64_t m) {
-      return weight(g, o, c, m);
-    });
-  const int64_t tiles = (steps + kConvSteps - 1) / kConvSteps;
-  parallel_for(s.nb * s.G * tiles, n_threads, [&](int64_t task) {
-    const int64_t b = task / (s.G * tiles), g = task / tiles % s.G;
-    const int64_t t0 = task % tiles * kConvSteps, n = std::min(kConvSteps, steps - t0);
-    const int64_t ld = (n + tile - 1) / tile * tile + M - 1;  // what the last tile reads
-    std::vector<T> panel(C * ld);
-    for (int64_t c = 0; c < C; ++c) fill_row(b, g, c, t0, ld, panel.data() + c * ld);
-    correlate<T>(packed[g].data(), panel.data(), O, C, M, ld, n,
-                 [&](int64_t o, int64_t t, int64_t len, const T* sums) {
-                   store(b, g, o, t0 + t, len, sums);
-                 });
+// Outputs of one task of the forward and of the input gradient: 64 Winograd tiles.
+constexpr int64_t kConvSteps = 256;
+
+// The stride-1 correlation out[o, t] = sum_c sum_m weight(g, o, c, m) in[c, t + m] of every
+// batch item and group over steps [0, steps), for the forward and the input gradient, O x C x M
+// taps per group, by Winograd (above); a task, one stretch of kConvSteps steps of one (b, g),
+// has fill_row(b, g, c, t0, n, row) pack input row c from step t0 on (n values, zero past the
+// input) and store(b, g, o, t0, len, values) write len steps of output row o from t0 on.
+template <typename T, typename Taps, typename FillRow, typename Store>
+void correlate_groups(const GroupedConv& s, int64_t O, int64_t C, int64_t steps, Taps taps,
+                      FillRow fill_row, Store store, const Winograd& wg, int n_threads) {
+  constexpr int64_t m = Winograd::m, r = Winograd::r, n = Winograd::n;
+  constexpr int64_t tile = Correlation<T>::kTile;
+  const int64_t M = s.taps(), Q = (M + r - 1) / r;
+  // packed[g][p]: point p of group g's taps, G w of each chunk (in float64), as correlate takes
+  // them. Kept from call to call (per calling thread) so that its pages, up to 20 MB, are not
+  // faulted in anew each time.
+  constexpr int64_t R = Correlation<T>::kRows;
+  const int64_t blocks = (O + R - 1) / R, point_size = blocks * C * Q * R;
+  static thread_local std::vector<T> packed_store;
+  packed_store.resize(s.G * n * point_size);
+  T* const packed = packed_store.data();  // the calling thread's, which the workers write
+  parallel_for(s.G, n_threads, [&](int64_t g) {
+    // wt[i][q][k]: tap q r + i of row k of a block (zero past M and O), so that G w of a whole
+    // block is 4 contiguous multiply-adds
+    std::vector<double> row(Q * r), wt(r * Q * R);
+    for (int64_t blk = 0; blk < blocks; ++blk)
+      for (int64_t c = 0; c < C; ++c) {
+        std::fill(wt.begin(), wt.end(), 0.0);
+        for (int64_t k = 0; k < R && blk * R + k < O; ++k) {
+          std::fill(row.begin(), row.end(), 0.0);
+          taps(g, blk * R + k, c, row.data());  // tap m of row o, column c
+          for (int64_t j = 0; j < Q * r; ++j) wt[(j % r * Q + j / r) * R + k] = row[j];
+        }
+        for (int64_t p = 0; p < n; ++p) {
+          const double* gp = wg.g + p * r;
+          T* __restrict out = packed + (g * n + p) * point_size + (blk * C + c) * Q * R;
+          const double* __restrict w = wt.data();
+          for (int64_t e = 0; e < Q * R; ++e)
+            out[e] = T(gp[0] * w[e] + gp[1] * w[Q * R + e] + gp[2] * w[2 * Q * R + e] +
+                       gp[3] * w[3 * Q * R + e]);
+        }
+      }
+  });
+  const int64_t stretches = (steps + kConvSteps - 1) / kConvSteps;
+  parallel_for(s.nb * s.G * stretches, n_threads, [&](int64_t task) {
+    const int64_t b = task / (s.G * stretches), g = task / stretches % s.G;
+    const int64_t t0 = task % stretches * kConvSteps, len = std::min(kConvSteps, steps - t0);
+    const int64_t tiles = (len + m - 1) / m;
+    const int64_t ld = (tiles + tile - 1) / tile * tile + Q - 1;  // what the last microtile reads
+    // v[p][c][i]: point p of input tile i (inputs m i .. m i + n - 1 of the stretch) of row c
+    std::vector<T> v(n * C * ld), row(m * (ld + 1)), phases(m * (ld + 1));
+    std::vector<T> sums(n * O * tiles), y(m * tiles);
+    T bt[n][n], at[m][n];
+    for (int64_t p = 0; p < n; ++p)
+      for (int64_t j = 0; j < n; ++j) bt[p][j] = T(wg.b_t[p * n + j]);
+    for (int64_t k = 0; k < m; ++k)
+      for (int64_t p = 0; p < n; ++p) at[k][p] = T(wg.a_t[k * n + p]);
+    for (int64_t c = 0; c < C; ++c) {
+      fill_row(b, g, c, t0, m * (ld + 1), row.data());
+      // phases[k][i] = row[m i + k]: input j of tile i is phases[j % m][i + j / m], so that
+      // tiles side by side are contiguous
+      for (int64_t i = 0; i <= ld; ++i)
+        for (int64_t k = 0; k < m; ++k) phases[k * (ld + 1) + i] = row[m * i + k];
+      T* __restrict vc = v.data() + c * ld;
+      const T* __restrict ph = phases.data();
+#pragma omp simd
+      for (int64_t i = 0; i < ld; ++i) {
+        T d[n];
+        for (int64_t j = 0; j < n; ++j) d[j] = ph[(j % m) * (ld + 1) + i + j / m];
+        for (int64_t p = 0; p < n; ++p) {
+          T sum = 0;
+          for (int64_t j = 0; j < n; ++j) sum += bt[p][j] * d[j];
+          vc[p * C * ld + i] = sum;
+        }
+      }
+    }
+    for (int64_t p = 0; p < n; ++p)
+      correlate<T>(packed + (g * n + p) * point_size, v.data() + p * C * ld, O, C, Q, ld, tiles,
+                   [&](int64_t o, int64_t i, int64_t count, const T* part) {
+                     std::copy(part, part + count, sums.data() + (p * O + o) * tiles + i);
+                   });
+    for (int64_t o = 0; o < O; ++o) {
+      const T* __restrict so = sums.data() + o * tiles;
+      T* __restrict yo = y.data();
+#pragma omp simd
+      for (int64_t i = 0; i < tiles; ++i) {
+        T d[n];
+        for (int64_t p = 0; p < n; ++p) d[p] = so[p * O * tiles + i];
+        for (int64_t k = 0; k < m; ++k) {
+          T sum = 0;
+          for (int64_t p = 0; p < n; ++p) sum += at[k][p] * d[p];
+          yo[m * i + k] = sum;
+        }
+      }
+      store(b, g, o, t0, len, y.data());
+    }
   });
 }
 
 template <typename T>
 void grouped_conv_forward(const GroupedConv& s, const T* x, const T* w, const T* bias, T* out,
-                          int n_threads) {
+                          const Winograd& wg, int n_threads) {
   // input row c = (channel c / S, phase c % S): x[c / S, S (t0 + q) + c % S - P]
   correlate_groups<T>(
       s, s.Co, s.Ci * s.S, s.Lout,
-      [&](int64_t g, int64_t o, int64_t c, int64_t m) {
-        const int64_t j = c % s.S + s.S * m;
-        return j < s.K ? w[((g * s.Co + o) * s.Ci + c / s.S) * s.K + j] : T(0);
+      [&](int64_t g, int64_t o, int64_t c, double* taps) {  // w[o, c / S, c % S + S m]
+        const T* wc = w + ((g * s.Co + o) * s.Ci + c / s.S) * s.K;
+        for (int64_t m = 0, j = c % s.S; j < s.K; ++m, j += s.S) taps[m] = double(wc[j]);
       },
       [&](int64_t b, int64_t g, int64_t c, int64_t t0, int64_t n, T* row) {
         pack_phase(x + ((b * s.G + g) * s.Ci + c / s.S) * s.L, s.L, s.S, s.P, c % s.S, t0, n,
@@ -872,22 +944,22 @@ void grouped_conv_forward(const GroupedConv& s, const T* x, const T* w, const T*
         T* ob = out + ((b * s.G + g) * s.Co + o) * s.Lout + t;
         for (int64_t i = 0; i < len; ++i) ob[i] = sums[i] + bo;
       },
-      n_threads);
+      wg, n_threads);
 }
 
 // gx[c, S q + r - P] = sum_o sum_m w[o, c, r + S m] gout[o, q - m]: the correlation of gout,
 // padded by M - 1 zeros in front, with the taps reversed; output rows (c, r).
 template <typename T>
 void grouped_conv_backward_input(const GroupedConv& s, const T* gout, const T* w, T* gx,
-                                 int n_threads) {
+                                 const Winograd& wg, int n_threads) {
   const int64_t M = s.taps();
   // phase steps q covering x: S q + r - P in [0, L)
   const int64_t Lq = (s.L + s.P + s.S - 1) / s.S;
   correlate_groups<T>(
       s, s.Ci * s.S, s.Co, Lq,
-      [&](int64_t g, int64_t c, int64_t o, int64_t m) {
-        const int64_t j = c % s.S + s.S * (M - 1 - m);
-        return j < s.K ? w[((g * s.Co + o) * s.Ci + c / s.S) * s.K + j] : T(0);
+      [&](int64_t g, int64_t c, int64_t o, double* taps) {  // w[o, c / S, c % S + S (M - 1 - m)]
+        const T* wc = w + ((g * s.Co + o) * s.Ci + c / s.S) * s.K;
+        for (int64_t m = 0, j = c % s.S; j < s.K; ++m, j += s.S) taps[M - 1 - m] = double(wc[j]);
       },
       [&](int64_t b, int64_t g, int64_t o, int64_t q0, int64_t n, T* row) {
         // gout[o, q0 + i - (M - 1)], zero outside gout
@@ -901,7 +973,7 @@ void grouped_conv_backward_input(const GroupedConv& s, const T* gout, const T* w
           if (at >= 0 && at < s.L) gxc[at] = sums[i];
         }
       },
-      n_threads);
+      wg, n_threads);
 }
 
 // gw[o, c, r + S m] = sum_b sum_t gout[b, o, t] x[b, c, S (t + m) + r - P]: for each input row
@@ -1024,18 +1096,19 @@ void grouped_conv_backward_weight(const GroupedConv& s, const T* x, const T* gou
   }
 
 #define GROUPED_CONV_API(T, SUFFIX)                                                          \
-  extern "C" void grouped_conv_fwd_##SUFFIX(const T* x, const T* w, const T* bias,          \
-                                             int64_t nb, int64_t G, int64_t Ci, int64_t Co, \
-                                             int64_t L, int64_t K, int64_t S, int64_t P,    \
-                                             int64_t Lout, T* out, int n_threads) {         \
+  extern "C" void grouped_conv_fwd_##SUFFIX(                                                \
+      const T* x, const T* w, const T* bias, int64_t nb, int64_t G, int64_t Ci, int64_t Co, \
+      int64_t L, int64_t K, int64_t S, int64_t P, int64_t Lout, const double* winograd,     \
+      T* out, int n_threads) {                                                              \
     grouped_conv_forward(GroupedConv{nb, G, Ci, Co, L, K, S, P, Lout}, x, w, bias, out,     \
-                         n_threads);                                                        \
+                         Winograd(winograd), n_threads);                                    \
   }                                                                                         \
   extern "C" void grouped_conv_bwd_input_##SUFFIX(                                          \
       const T* gout, const T* w, int64_t nb, int64_t G, int64_t Ci, int64_t Co, int64_t L,  \
-      int64_t K, int64_t S, int64_t P, int64_t Lout, T* gx, int n_threads) {                \
+      int64_t K, int64_t S, int64_t P, int64_t Lout, const double* winograd, T* gx,         \
+      int n_threads) {                                                                      \
     grouped_conv_backward_input(GroupedConv{nb, G, Ci, Co, L, K, S, P, Lout}, gout, w, gx,  \
-                                n_threads);                                                 \
+                                Winograd(winograd), n_threads);                             \
   }                                                                                         \
   extern "C" void grouped_conv_bwd_weight_##SUFFIX(                                         \
       const T* x, const T* gout, int64_t nb, int64_t G, int64_t Ci, int64_t Co, int64_t L,  \
