@@ -239,10 +239,10 @@ def _load_kernel():
         )
         getattr(lib, f"project_fwd_{suffix}").argtypes = [p] * 2 + [i64] * 4 + [p, i32]
         getattr(lib, f"grouped_conv_fwd_{suffix}").argtypes = [p] * 3 + [i64] * 9 + [p] * 2 + [i32]
-        getattr(lib, f"grouped_conv_bwd_input_{suffix}").argtypes = (
-            [p] * 2 + [i64] * 9 + [p] * 2 + [i32]
-        )
-        getattr(lib, f"grouped_conv_bwd_weight_{suffix}").argtypes = [p] * 2 + [i64] * 9 + [p, i32]
+        for part in ("input", "weight"):
+            getattr(lib, f"grouped_conv_bwd_{part}_{suffix}").argtypes = (
+                [p] * 2 + [i64] * 9 + [p] * 2 + [i32]
+            )
     _kernel = lib
     return lib
 
@@ -665,9 +665,9 @@ def winograd_matrices(outputs, taps, points):
     return vandermonde(outputs).T, vandermonde(taps), torch.linalg.inv(vandermonde(n)).T
 
 
-# The grouped conv's forward and input gradient run as Winograd F(4, 4) (ssm_kernel.cpp); its
+# The grouped conv's forward and gradients run as Winograd F(4, 4) (ssm_kernel.cpp); its
 # matrices, flattened, for the kernel. In float32 on the discriminator's layers they err by
-# 2-5e-6 of the largest value, 2.5-16x a direct convolution (tests/test_ssm.py); the other
+# 1-5e-6 of the largest value, 2-17x a direct convolution (tests/test_ssm.py); the other
 # sets of 6 points tried, 0, +-1 with two of +-2, +-1/2, did no better.
 _GROUPED_WINOGRAD = torch.cat(
     [t.flatten() for t in winograd_matrices(4, 4, [0, 1, -1, 0.5, -0.5, 2])]
@@ -710,7 +710,7 @@ class _CompiledGroupedConv(torch.autograd.Function):
         if used[1]:
             gw = torch.empty_like(weight)
             _kernel_function("grouped_conv_bwd_weight", x.dtype)(
-                _ptr(x), _ptr(gout), *ctx.shape, _ptr(gw), threads
+                _ptr(x), _ptr(gout), *ctx.shape, _ptr(_GROUPED_WINOGRAD), _ptr(gw), threads
             )
         if used[2]:
             gb = gout.sum((0, 2))
@@ -722,8 +722,8 @@ def conv1d_compiled(x, weight, bias, stride: int, padding: int, groups: int):
     forward and backward, on CPU float32 or float64; x: [B, C_in, L]. The multi-scale
     discriminator's grouped 41-tap layers use it in training, where PyTorch's convolutions
     ran at a third to two thirds of the rate of a matrix product (bench/bench_conv.py compares
-    the two); its forward and input gradient are Winograd F(4, 4) (_GROUPED_WINOGRAD), with
-    half the products. F.conv1d is its reference."""
+    the two); its forward and gradients are Winograd F(4, 4) (_GROUPED_WINOGRAD), with half
+    the products. F.conv1d is its reference."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"the compiled conv takes CPU float32 or float64, got {x.dtype}")
     c_out, w_in, _ = weight.shape

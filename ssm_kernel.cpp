@@ -738,11 +738,11 @@ void project_forward(const T* w, const T* x, int64_t nb, int64_t M, int64_t K, i
 // a polyphase input: with stride S, tap j = r + S m reads phase r of the padded input at t + m,
 // so the (channel, phase) pairs are the correlation's input rows and ceil(K / S) its taps. The
 // input gradient is the same correlation of the output gradient with the taps reversed, its
-// output rows (channel, phase) pairs that are then interleaved back. The forward and the input
-// gradient compute it by Winograd (below), with half the products; the weight gradient
-// directly. Time is the SIMD lanes: kRows output rows x kCols vectors of steps of sums stay in
-// registers while (c, m) runs. 6 x 2 is BLIS's AVX2 shape: 12 sums, and 2 loads + 6 broadcasts
-// per 12 FMAs; with 4 x 3 g++ loaded x again for every FMA, and the tile ran at half the rate.
+// output rows (channel, phase) pairs that are then interleaved back; the weight gradient is its
+// sums over time. All three are computed by Winograd (below), with half the products. Time is
+// the SIMD lanes: kRows output rows x kCols vectors of steps of sums stay in registers while
+// (c, m) runs. 6 x 2 is BLIS's AVX2 shape: 12 sums, and 2 loads + 6 broadcasts per 12 FMAs;
+// with 4 x 3 g++ loaded x again for every FMA, and the tile ran at half the rate.
 template <typename T>
 struct Correlation {
   static constexpr int64_t kRows = 6, kCols = 2, kTile = kCols * kLanes<T>;
@@ -828,6 +828,40 @@ struct Winograd {
 // Outputs of one task of the forward and of the input gradient: 64 Winograd tiles.
 constexpr int64_t kConvSteps = 256;
 
+// The Winograd transforms in T, and the input transform of one row: point p of tile i (inputs
+// m i .. m i + n - 1 of row) to out[p point_stride + i] for i < tiles; row holds m (tiles + 1)
+// values.
+template <typename T>
+struct WinogradTransforms {
+  static constexpr int64_t m = Winograd::m, n = Winograd::n;
+  T bt[n][n], at[m][n];
+  explicit WinogradTransforms(const Winograd& wg) {
+    for (int64_t p = 0; p < n; ++p)
+      for (int64_t j = 0; j < n; ++j) bt[p][j] = T(wg.b_t[p * n + j]);
+    for (int64_t k = 0; k < m; ++k)
+      for (int64_t p = 0; p < n; ++p) at[k][p] = T(wg.a_t[k * n + p]);
+  }
+  void input_tiles(const T* row, int64_t tiles, T* out, int64_t point_stride) const {
+    // phases[k][i] = row[m i + k]: input j of tile i is phases[j % m][i + j / m], so that
+    // tiles side by side are contiguous
+    std::vector<T> phases(m * (tiles + 1));
+    for (int64_t i = 0; i <= tiles; ++i)
+      for (int64_t k = 0; k < m; ++k) phases[k * (tiles + 1) + i] = row[m * i + k];
+    const T* __restrict ph = phases.data();
+    T* __restrict o = out;
+#pragma omp simd
+    for (int64_t i = 0; i < tiles; ++i) {
+      T d[n];
+      for (int64_t j = 0; j < n; ++j) d[j] = ph[(j % m) * (tiles + 1) + i + j / m];
+      for (int64_t p = 0; p < n; ++p) {
+        T sum = 0;
+        for (int64_t j = 0; j < n; ++j) sum += bt[p][j] * d[j];
+        o[p * point_stride + i] = sum;
+      }
+    }
+  }
+};
+
 // The stride-1 correlation out[o, t] = sum_c sum_m weight(g, o, c, m) in[c, t + m] of every
 // batch item and group over steps [0, steps), for the forward and the input gradient, O x C x M
 // taps per group, by Winograd (above); a task, one stretch of kConvSteps steps of one (b, g),
@@ -870,37 +904,17 @@ void correlate_groups(const GroupedConv& s, int64_t O, int64_t C, int64_t steps,
       }
   });
   const int64_t stretches = (steps + kConvSteps - 1) / kConvSteps;
+  const WinogradTransforms<T> tf(wg);
   parallel_for(s.nb * s.G * stretches, n_threads, [&](int64_t task) {
     const int64_t b = task / (s.G * stretches), g = task / stretches % s.G;
     const int64_t t0 = task % stretches * kConvSteps, len = std::min(kConvSteps, steps - t0);
     const int64_t tiles = (len + m - 1) / m;
     const int64_t ld = (tiles + tile - 1) / tile * tile + Q - 1;  // what the last microtile reads
     // v[p][c][i]: point p of input tile i (inputs m i .. m i + n - 1 of the stretch) of row c
-    std::vector<T> v(n * C * ld), row(m * (ld + 1)), phases(m * (ld + 1));
-    std::vector<T> sums(n * O * tiles), y(m * tiles);
-    T bt[n][n], at[m][n];
-    for (int64_t p = 0; p < n; ++p)
-      for (int64_t j = 0; j < n; ++j) bt[p][j] = T(wg.b_t[p * n + j]);
-    for (int64_t k = 0; k < m; ++k)
-      for (int64_t p = 0; p < n; ++p) at[k][p] = T(wg.a_t[k * n + p]);
+    std::vector<T> v(n * C * ld), row(m * (ld + 1)), sums(n * O * tiles), y(m * tiles);
     for (int64_t c = 0; c < C; ++c) {
       fill_row(b, g, c, t0, m * (ld + 1), row.data());
-      // phases[k][i] = row[m i + k]: input j of tile i is phases[j % m][i + j / m], so that
-      // tiles side by side are contiguous
-      for (int64_t i = 0; i <= ld; ++i)
-        for (int64_t k = 0; k < m; ++k) phases[k * (ld + 1) + i] = row[m * i + k];
-      T* __restrict vc = v.data() + c * ld;
-      const T* __restrict ph = phases.data();
-#pragma omp simd
-      for (int64_t i = 0; i < ld; ++i) {
-        T d[n];
-        for (int64_t j = 0; j < n; ++j) d[j] = ph[(j % m) * (ld + 1) + i + j / m];
-        for (int64_t p = 0; p < n; ++p) {
-          T sum = 0;
-          for (int64_t j = 0; j < n; ++j) sum += bt[p][j] * d[j];
-          vc[p * C * ld + i] = sum;
-        }
-      }
+      tf.input_tiles(row.data(), ld, v.data() + c * ld, C * ld);
     }
     for (int64_t p = 0; p < n; ++p)
       correlate<T>(packed + (g * n + p) * point_size, v.data() + p * C * ld, O, C, Q, ld, tiles,
@@ -916,7 +930,7 @@ void correlate_groups(const GroupedConv& s, int64_t O, int64_t C, int64_t steps,
         for (int64_t p = 0; p < n; ++p) d[p] = so[p * O * tiles + i];
         for (int64_t k = 0; k < m; ++k) {
           T sum = 0;
-          for (int64_t p = 0; p < n; ++p) sum += at[k][p] * d[p];
+          for (int64_t p = 0; p < n; ++p) sum += tf.at[k][p] * d[p];
           yo[m * i + k] = sum;
         }
       }
@@ -977,75 +991,106 @@ void grouped_conv_backward_input(const GroupedConv& s, const T* gout, const T* w
 }
 
 // gw[o, c, r + S m] = sum_b sum_t gout[b, o, t] x[b, c, S (t + m) + r - P]: for each input row
-// (c, r) and tap m, a sum over time of a gout row times a shifted polyphase row. Here output
-// channels are the lanes: kRows (row, tap) pairs (x broadcast) x kCols vectors of output
-// channels (gout, packed step-major) of sums stay in registers over a stretch of kWeightSteps
-// steps, then are added up in float64. (Taps as lanes would round 11 or 21 taps up to 16 or
-// 32; output channels come in multiples of 16.) A task is one such block of output channels
-// of one group; it packs gout and the polyphase input for each stretch.
+// (c, r) and tap m, a sum over time of a gout row times a shifted polyphase row, by Winograd as
+// the forward: from y = A^T ((G w) * (B^T d)), chunk q of the taps gets G^T of the sum over
+// tiles i of (A gout_i) * (B^T d_(i + q)), so for each of the 7 points a sum over tiles of a
+// transformed gout row times a transformed input row shifted by q. Output channels are the
+// lanes: kRows (row, chunk) pairs (input broadcast) x kCols vectors of output channels (gout,
+// packed tile-major) of sums stay in registers over a stretch of kWeightSteps steps, then are
+// added up in float64. (Chunks as lanes would round 3, 6 or 11 up to 16; output channels come
+// in multiples of 16.) A task is one such block of output channels of one group; it packs and
+// transforms gout and the polyphase input for each stretch.
 constexpr int64_t kWeightSteps = 512;
 
 template <typename T>
 void grouped_conv_backward_weight(const GroupedConv& s, const T* x, const T* gout, T* gw,
-                                  int n_threads) {
+                                  const Winograd& wg, int n_threads) {
   using V = typename Vector<T>::type;
-  constexpr int64_t R = Correlation<T>::kRows, Q = Correlation<T>::kCols, W = kLanes<T>;
-  constexpr int64_t block = Q * W;  // output channels per task
-  const int64_t M = s.taps(), Cp = s.Ci * s.S, pairs = Cp * M;
-  const int64_t ld = kWeightSteps + M;
+  constexpr int64_t R = Correlation<T>::kRows, Qv = Correlation<T>::kCols, W = kLanes<T>;
+  constexpr int64_t m = Winograd::m, r = Winograd::r, n = Winograd::n;
+  constexpr int64_t block = Qv * W;  // output channels per task
+  constexpr int64_t max_tiles = kWeightSteps / m;
+  const int64_t M = s.taps(), Q = (M + r - 1) / r, Cp = s.Ci * s.S, pairs = Cp * Q;
+  const int64_t ld = max_tiles + Q - 1;  // input tiles a stretch reads
   const int64_t blocks = (s.Co + block - 1) / block;
+  const WinogradTransforms<T> tf(wg);
   parallel_for(s.G * blocks, n_threads, [&](int64_t task) {
     const int64_t g = task / blocks, o0 = task % blocks * block;
     const int64_t rows = std::min(block, s.Co - o0);
-    std::vector<double> sums((pairs + R) * block, 0.0);  // [(c, m)][o]
-    std::vector<T> panel(Cp * ld), grows(kWeightSteps * block);
+    std::vector<double> sums(n * (pairs + R) * block, 0.0);  // [point][(c, q)][o]
+    std::vector<T> row(m * (ld + 1)), v(n * Cp * ld), graw(kWeightSteps * block);
+    std::vector<T> gt(n * max_tiles * block);
     alignas(64) T part[R][block];
     for (int64_t b = 0; b < s.nb; ++b) {
       for (int64_t t0 = 0; t0 < s.Lout; t0 += kWeightSteps) {
-        const int64_t n = std::min(kWeightSteps, s.Lout - t0);
-        // grows[t][o] = gout[b, o0 + o, t0 + t], zero past the rows; only the n steps and the
-        // n + M panel values the sums read are packed (a short layer has n << kWeightSteps)
-        std::fill(grows.begin(), grows.begin() + n * block, T(0));
+        const int64_t len = std::min(kWeightSteps, s.Lout - t0), tiles = (len + m - 1) / m;
+        const int64_t ldv = tiles + Q - 1;
+        // graw[t][o] = gout[b, o0 + o, t0 + t], zero past the rows and past the stretch
+        std::fill(graw.begin(), graw.begin() + tiles * m * block, T(0));
         for (int64_t o = 0; o < rows; ++o) {
           const T* go = gout + ((b * s.G + g) * s.Co + o0 + o) * s.Lout + t0;
-          for (int64_t t = 0; t < n; ++t) grows[t * block + o] = go[t];
+          for (int64_t t = 0; t < len; ++t) graw[t * block + o] = go[t];
         }
-        for (int64_t c = 0; c < s.Ci; ++c)
-          for (int64_t r = 0; r < s.S; ++r)
-            pack_phase(x + ((b * s.G + g) * s.Ci + c) * s.L, s.L, s.S, s.P, r, t0, n + M,
-                       panel.data() + (c * s.S + r) * ld);
-        // pairs p = c M + m in blocks of R; a block's pairs may run into the next row, whose
-        // panel row follows at ld
-        for (int64_t p0 = 0; p0 < pairs; p0 += R) {
-          const T* __restrict at[R];
-          for (int64_t i = 0; i < R; ++i) {
-            const int64_t p = std::min(p0 + i, pairs - 1);
-            at[i] = panel.data() + p / M * ld + p % M;
-          }
-          const T* __restrict gr = grows.data();
-          V acc[R][Q] = {};
-          for (int64_t t = 0; t < n; ++t) {
-            V gv[Q];
-#pragma GCC unroll 4
-            for (int64_t q = 0; q < Q; ++q) std::memcpy(&gv[q], gr + t * block + q * W, sizeof(V));
-#pragma GCC unroll 8
-            for (int64_t i = 0; i < R; ++i) {
-#pragma GCC unroll 4
-              for (int64_t q = 0; q < Q; ++q) acc[i][q] += at[i][t] * gv[q];
+        // gt[p][i][o] = sum_k A^T[k][p] graw[m i + k][o]
+        for (int64_t p = 0; p < n; ++p)
+          for (int64_t i = 0; i < tiles; ++i) {
+            T* __restrict dst = gt.data() + (p * max_tiles + i) * block;
+            const T* __restrict src = graw.data() + m * i * block;
+#pragma omp simd
+            for (int64_t o = 0; o < block; ++o) {
+              T sum = 0;
+              for (int64_t k = 0; k < m; ++k) sum += tf.at[k][p] * src[k * block + o];
+              dst[o] = sum;
             }
           }
-          for (int64_t i = 0; i < R; ++i)
-            for (int64_t q = 0; q < Q; ++q) std::memcpy(&part[i][q * W], &acc[i][q], sizeof(V));
-          for (int64_t i = 0; i < R; ++i)
-            for (int64_t o = 0; o < block; ++o) sums[(p0 + i) * block + o] += part[i][o];
+        for (int64_t c = 0; c < Cp; ++c) {
+          pack_phase(x + ((b * s.G + g) * s.Ci + c / s.S) * s.L, s.L, s.S, s.P, c % s.S, t0,
+                     m * (ldv + 1), row.data());
+          tf.input_tiles(row.data(), ldv, v.data() + c * ldv, Cp * ldv);
+        }
+        // pairs (c, q) in blocks of R; a block's pairs may run into the next row, whose
+        // transformed tiles follow at ldv
+        for (int64_t p = 0; p < n; ++p) {
+          const T* vp = v.data() + p * Cp * ldv;
+          const T* __restrict gr = gt.data() + p * max_tiles * block;
+          double* sp = sums.data() + p * (pairs + R) * block;
+          for (int64_t p0 = 0; p0 < pairs; p0 += R) {
+            const T* __restrict at[R];
+            for (int64_t i = 0; i < R; ++i) {
+              const int64_t pair = std::min(p0 + i, pairs - 1);
+              at[i] = vp + pair / Q * ldv + pair % Q;
+            }
+            V acc[R][Qv] = {};
+            for (int64_t t = 0; t < tiles; ++t) {
+              V gv[Qv];
+#pragma GCC unroll 4
+              for (int64_t q = 0; q < Qv; ++q)
+                std::memcpy(&gv[q], gr + t * block + q * W, sizeof(V));
+#pragma GCC unroll 8
+              for (int64_t i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+                for (int64_t q = 0; q < Qv; ++q) acc[i][q] += at[i][t] * gv[q];
+              }
+            }
+            for (int64_t i = 0; i < R; ++i)
+              for (int64_t q = 0; q < Qv; ++q)
+                std::memcpy(&part[i][q * W], &acc[i][q], sizeof(V));
+            for (int64_t i = 0; i < R; ++i)
+              for (int64_t o = 0; o < block; ++o) sp[(p0 + i) * block + o] += part[i][o];
+          }
         }
       }
     }
+    // tap j = c_phase + S (r q + i) of row (c, phase): sum_p G[p][i] sums[p][(c S + phase) Q + q]
     for (int64_t o = 0; o < rows; ++o)
       for (int64_t c = 0; c < s.Ci; ++c)
-        for (int64_t j = 0; j < s.K; ++j)
-          gw[((g * s.Co + o0 + o) * s.Ci + c) * s.K + j] =
-              T(sums[((c * s.S + j % s.S) * M + j / s.S) * block + o]);
+        for (int64_t j = 0; j < s.K; ++j) {
+          const int64_t mm = j / s.S, pair = (c * s.S + j % s.S) * Q + mm / r;
+          double sum = 0;
+          for (int64_t p = 0; p < n; ++p)
+            sum += wg.g[p * r + mm % r] * sums[(p * (pairs + R) + pair) * block + o];
+          gw[((g * s.Co + o0 + o) * s.Ci + c) * s.K + j] = T(sum);
+        }
   });
 }
 
@@ -1112,9 +1157,10 @@ void grouped_conv_backward_weight(const GroupedConv& s, const T* x, const T* gou
   }                                                                                         \
   extern "C" void grouped_conv_bwd_weight_##SUFFIX(                                         \
       const T* x, const T* gout, int64_t nb, int64_t G, int64_t Ci, int64_t Co, int64_t L,  \
-      int64_t K, int64_t S, int64_t P, int64_t Lout, T* gw, int n_threads) {                \
+      int64_t K, int64_t S, int64_t P, int64_t Lout, const double* winograd, T* gw,         \
+      int n_threads) {                                                                      \
     grouped_conv_backward_weight(GroupedConv{nb, G, Ci, Co, L, K, S, P, Lout}, x, gout, gw, \
-                                 n_threads);                                                \
+                                 Winograd(winograd), n_threads);                            \
   }
 
 SCAN_API(float, f32)
