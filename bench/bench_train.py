@@ -6,7 +6,8 @@ the whole train_step, then each piece it is made of, run alone on the same tenso
 generator's forward and backward, each loss, each discriminator's one forward (real and fake
 audio) and its backward passes (into the generator's output, then into its own weights),
 gradient clipping with each optimiser step. Each time is the median of --runs after a
-warm-up. The conv FLOPs of each discriminator (counted from its layers' shapes; a backward is
+warm-up: --warmup whole steps first (a process's first steps fault its heap's pages in), then
+one call of each piece. The conv FLOPs of each discriminator (counted from its layers' shapes; a backward is
 counted as twice its forward, the one into the output as the fake half's forward) and the
 measured float32 matrix-product rate say how close the discriminators run to what the CPU can
 do. `--baseline REV` first times train_step whole, each run in a fresh process, for the code
@@ -32,9 +33,10 @@ from losses import discriminator_adv_loss, generator_adv_loss
 from utils import load_config
 
 
-def median_s(fn, runs: int) -> tuple[float, float]:
-    """Median wall-clock and process CPU (all threads) seconds of runs after a warm-up."""
-    fn()
+def median_s(fn, runs: int, warmup: int = 1) -> tuple[float, float]:
+    """Median wall-clock and process CPU (all threads) seconds of runs after warmup calls."""
+    for _ in range(warmup):
+        fn()
     wall, cpu = [], []
     for _ in range(runs):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -131,13 +133,13 @@ def pieces(run, x, y, runs: int):
 def print_baseline_steps(a) -> None:
     """train_step timed whole in a fresh process for the baseline commit's code and this
     checkout's, alternated a.rounds times (bench_model's train worker), and the ratio."""
-    worker_args = argparse.Namespace(seconds=0, runs=a.runs, warmup=2, omp_passive=False)
+    worker_args = argparse.Namespace(seconds=0, runs=a.runs, warmup=a.warmup, omp_passive=False)
     extra = ["--batch", str(a.batch), "--segment", str(a.segment)]
     extra += ["--num-threads", str(a.threads), "--data-root", os.path.abspath(a.data_root)]
     print(
         f"## train_step, {a.baseline} against this checkout ({cpu_name()}, "
         f"{a.threads or torch.get_num_threads()} threads, batch {a.batch} x {a.segment}, "
-        f"{datetime.datetime.now():%Y-%m-%d %H:%M}; each process: 2 warm-up steps, then "
+        f"{datetime.datetime.now():%Y-%m-%d %H:%M}; each process: {a.warmup} warm-up steps, then "
         f"{a.runs} timed)\n"
     )
     print("| round | code | step s (median) | runs (s) | peak RSS (MB) |")
@@ -170,6 +172,9 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--segment", type=int, default=25600)
     parser.add_argument("--runs", type=int, default=3)
+    # a process's first steps page-fault its heap in: 1.5 million minor faults and 10 s of
+    # system time in step 0, 274,000 in step 1, 51,000 in step 2, none from step 3 on (measured)
+    parser.add_argument("--warmup", type=int, default=4, help="train_steps before timing")
     parser.add_argument("--impl", default="compiled", help="scan impl")
     parser.add_argument("--threads", type=int, default=0, help="0: torch default")
     parser.add_argument(
@@ -192,7 +197,7 @@ def main():
     x = y.clone()
     cfg = load_config("cfgs.json", [f"train.batch_size={a.batch}"])
     run = train.build(cfg, scan_impl=a.impl)
-    step, step_cpu = median_s(lambda: train.train_step(run, (x, y)), a.runs)
+    step, step_cpu = median_s(lambda: train.train_step(run, (x, y)), a.runs, a.warmup)
     rate = matmul_gflops()
     load = load_average()
     print(
