@@ -829,8 +829,8 @@ struct Winograd {
 constexpr int64_t kConvSteps = 256;
 
 // The Winograd transforms in T, and the input transform of one row: point p of tile i (inputs
-// m i .. m i + n - 1 of row) to out[p point_stride + i] for i < tiles; row holds m (tiles + 1)
-// values.
+// m i .. m i + n - 1 of row) to out[p point_stride + i] for i < tiles; row and phases (scratch)
+// hold m (tiles + 1) values.
 template <typename T>
 struct WinogradTransforms {
   static constexpr int64_t m = Winograd::m, n = Winograd::n;
@@ -841,13 +841,13 @@ struct WinogradTransforms {
     for (int64_t k = 0; k < m; ++k)
       for (int64_t p = 0; p < n; ++p) at[k][p] = T(wg.a_t[k * n + p]);
   }
-  void input_tiles(const T* row, int64_t tiles, T* out, int64_t point_stride) const {
+  void input_tiles(const T* row, int64_t tiles, T* out, int64_t point_stride,
+                   T* phases) const {
     // phases[k][i] = row[m i + k]: input j of tile i is phases[j % m][i + j / m], so that
     // tiles side by side are contiguous
-    std::vector<T> phases(m * (tiles + 1));
     for (int64_t i = 0; i <= tiles; ++i)
       for (int64_t k = 0; k < m; ++k) phases[k * (tiles + 1) + i] = row[m * i + k];
-    const T* __restrict ph = phases.data();
+    const T* __restrict ph = phases;
     T* __restrict o = out;
 #pragma omp simd
     for (int64_t i = 0; i < tiles; ++i) {
@@ -911,10 +911,11 @@ void correlate_groups(const GroupedConv& s, int64_t O, int64_t C, int64_t steps,
     const int64_t tiles = (len + m - 1) / m;
     const int64_t ld = (tiles + tile - 1) / tile * tile + Q - 1;  // what the last microtile reads
     // v[p][c][i]: point p of input tile i (inputs m i .. m i + n - 1 of the stretch) of row c
-    std::vector<T> v(n * C * ld), row(m * (ld + 1)), sums(n * O * tiles), y(m * tiles);
+    std::vector<T> v(n * C * ld), row(m * (ld + 1)), phases(m * (ld + 1));
+    std::vector<T> sums(n * O * tiles), y(m * tiles);
     for (int64_t c = 0; c < C; ++c) {
       fill_row(b, g, c, t0, m * (ld + 1), row.data());
-      tf.input_tiles(row.data(), ld, v.data() + c * ld, C * ld);
+      tf.input_tiles(row.data(), ld, v.data() + c * ld, C * ld, phases.data());
     }
     for (int64_t p = 0; p < n; ++p)
       correlate<T>(packed + (g * n + p) * point_size, v.data() + p * C * ld, O, C, Q, ld, tiles,
@@ -1018,7 +1019,8 @@ void grouped_conv_backward_weight(const GroupedConv& s, const T* x, const T* gou
     const int64_t g = task / blocks, o0 = task % blocks * block;
     const int64_t rows = std::min(block, s.Co - o0);
     std::vector<double> sums(n * (pairs + R) * block, 0.0);  // [point][(c, q)][o]
-    std::vector<T> row(m * (ld + 1)), v(n * Cp * ld), graw(kWeightSteps * block);
+    std::vector<T> row(m * (ld + 1)), phases(m * (ld + 1)), v(n * Cp * ld);
+    std::vector<T> graw(kWeightSteps * block);
     std::vector<T> gt(n * max_tiles * block);
     alignas(64) T part[R][block];
     for (int64_t b = 0; b < s.nb; ++b) {
@@ -1046,7 +1048,7 @@ void grouped_conv_backward_weight(const GroupedConv& s, const T* x, const T* gou
         for (int64_t c = 0; c < Cp; ++c) {
           pack_phase(x + ((b * s.G + g) * s.Ci + c / s.S) * s.L, s.L, s.S, s.P, c % s.S, t0,
                      m * (ldv + 1), row.data());
-          tf.input_tiles(row.data(), ldv, v.data() + c * ldv, Cp * ldv);
+          tf.input_tiles(row.data(), ldv, v.data() + c * ldv, Cp * ldv, phases.data());
         }
         // pairs (c, q) in blocks of R; a block's pairs may run into the next row, whose
         // transformed tiles follow at ldv
