@@ -7,12 +7,13 @@ generator's forward and backward, each loss, each discriminator's one forward (r
 audio) and its backward passes (into the generator's output, then into its own weights),
 gradient clipping with each optimiser step. Each time is the median of --runs after a
 warm-up: --warmup whole steps first (a process's first steps fault its heap's pages in), then
-one call of each piece. The conv FLOPs of each discriminator (counted from its layers' shapes; a backward is
-counted as twice its forward, the one into the output as the fake half's forward) and the
-measured float32 matrix-product rate say how close the discriminators run to what the CPU can
-do. `--baseline REV` first times train_step whole, each run in a fresh process, for the code
-of an older commit (a temporary `git worktree`) and this checkout's, alternated `--rounds`
-times, and prints the ratio of the medians. Prints Markdown tables; no asserts.
+one call of each piece. The conv FLOPs of each discriminator (counted from its layers'
+shapes; a backward is counted as twice its forward, the one into the output as the fake half's
+forward) and the measured float32 matrix-product rate say how close the discriminators run to
+what the CPU can do. `--baseline REV` first times train_step whole, each run in a fresh
+process, for the code of an older commit (a temporary `git worktree`) and this checkout's,
+alternated `--rounds` times, and prints the ratio of the medians. Prints Markdown tables; no
+asserts.
 """
 
 import argparse
